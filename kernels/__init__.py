@@ -1,0 +1,1 @@
+"""Triton kernels behind the quartet2 ops (installed as quartet_compile.kernels)."""

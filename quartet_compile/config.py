@@ -1,0 +1,67 @@
+"""QuartetConfig: every switch of the quartet2 backend in one dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from quartet_compile.nvfp4 import BACKWARD_METHODS
+
+
+@dataclass(frozen=True)
+class QuartetConfig:
+    """What the quartet2 backend rewrites and how.
+
+    four_over_six: forward scale selection between "max on 6" and "max on 4" (SPEC 2).
+    backward_method: "eden" (MS-EDEN, Quartet II) or "sr" (element-wise stochastic rounding with
+        the same rotation: the comparison recipe).
+    skip: module-name patterns (fnmatch, matched against the dotted module path and its last part)
+        whose linears stay in high precision; by default the output projection.
+    forward / backward: which matmuls to rewrite.
+    min_dim: K and N below this stay in high precision (tiny layers gain nothing).
+    """
+
+    four_over_six: bool = True
+    backward_method: str = "eden"
+    skip: tuple[str, ...] = ("lm_head", "*.lm_head", "output")
+    forward: bool = True
+    backward: bool = True
+    min_dim: int = 128
+
+    def __post_init__(self) -> None:
+        if self.backward_method not in BACKWARD_METHODS:
+            raise ValueError(
+                f"backward_method must be one of {BACKWARD_METHODS}, got {self.backward_method!r}"
+            )
+        if isinstance(self.skip, str):
+            object.__setattr__(self, "skip", (self.skip,))
+        object.__setattr__(self, "skip", tuple(self.skip))
+        if self.min_dim < 1:
+            raise ValueError(f"min_dim must be >= 1, got {self.min_dim}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> QuartetConfig:
+        """Build from torch.compile(..., options={...}); unknown keys name the valid ones."""
+        options = dict(options or {})
+        config = options.pop("config", None)
+        if config is not None and not isinstance(config, QuartetConfig):
+            raise TypeError(f"options['config'] must be a QuartetConfig, got {type(config)}")
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise ValueError(
+                f"unknown quartet2 option(s) {unknown}; valid options are {sorted(valid)} "
+                f"(or config=QuartetConfig(...))"
+            )
+        base = config or cls()
+        return dataclasses.replace(base, **options)
+
+    def cache_key(self) -> str:
+        """Stable text for Inductor's cache key (CustomGraphPass.uuid)."""
+        return repr(dataclasses.astuple(self))
+
+
+DEFAULT = QuartetConfig()
+
+__all__ = ["QuartetConfig", "DEFAULT"]

@@ -1,0 +1,415 @@
+"""NVFP4 format and the pure-PyTorch reference of every Quartet II quantizer (docs/numerics.md).
+
+This module is the oracle: kernels and rewritten graphs are tested against it. Everything runs in
+float32 on any device, vectorized, with no host synchronisation, so the same functions also serve
+as the CPU bodies of the ``quartet2`` ops and trace cleanly under torch.compile.
+
+Layout conventions: quantization groups run along the last dimension (the GEMM's reduction
+dimension); a quantized tensor is ``NVFP4Tensor(codes, scales, tensor_scale)`` with
+``codes: uint8[rows, cols / 2]`` (first element in the low nibble), ``scales: float8_e4m3fn[rows,
+cols / 16]`` and ``tensor_scale: float32[]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+GROUP = 16
+HADAMARD_BLOCK = 128
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+# Forward tensor scale divisor: 256 rather than 448 leaves room for four-over-six's 1.5x scale.
+FWD_SCALE_MAX = 256.0
+# MS-EDEN constants: the authors' tuned scale override and the FP8 range used for alignment.
+EDEN_RHO = (17.0 / 16.0) * 0.93
+EDEN_FP4_MAX = E2M1_MAX / EDEN_RHO
+EDEN_FP8_MAX = 256.0
+
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# Midpoints between neighbouring magnitudes, and whether a tie there rounds up: ties go to the
+# even code index, as the hardware cvt.rn does.
+_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_TIE_UP = (False, True, False, True, False, True, False)
+
+
+class NVFP4Tensor(NamedTuple):
+    """A quantized 2-D tensor; groups of 16 along the last (reduction) dimension."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    tensor_scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.codes.shape[0], self.codes.shape[1] * 2))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+
+
+def check_floating(x: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point() or x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise TypeError(f"{name} must be float32/bfloat16/float16, got {x.dtype}")
+
+
+def check_2d_multiple(x: torch.Tensor, multiple: int, name: str = "x") -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, cols], got shape {tuple(x.shape)}")
+    if x.shape[-1] % multiple:
+        raise ValueError(
+            f"{name}'s last dimension ({x.shape[-1]}) must be a multiple of {multiple}; "
+            f"pad it or leave this layer unquantized"
+        )
+
+
+def _check_signs(signs: torch.Tensor) -> None:
+    if signs.shape != (HADAMARD_BLOCK,):
+        raise ValueError(f"signs must have shape ({HADAMARD_BLOCK},), got {tuple(signs.shape)}")
+
+
+# --------------------------------------------------------------------------------------------
+# E2M1 elements and nibble packing
+# --------------------------------------------------------------------------------------------
+
+
+def e2m1_index(u: torch.Tensor) -> torch.Tensor:
+    """Round |u| to the nearest E2M1 magnitude index (0..7): ties to even, saturating at 6."""
+    a = u.abs()
+    idx = torch.zeros(u.shape, dtype=torch.uint8, device=u.device)
+    for mid, up in zip(_MIDPOINTS, _TIE_UP):
+        idx += (a >= mid) if up else (a > mid)
+    return idx
+
+
+def e2m1_encode(u: torch.Tensor) -> torch.Tensor:
+    """Signed 4-bit codes (sign << 3 | index) of RTN(u). NaN encodes as +0."""
+    sign = (u < 0).to(torch.uint8) << 3
+    return sign | e2m1_index(u)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """Float32 values of 4-bit codes."""
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    mag = table[(codes & 7).long()]
+    return torch.where((codes & 8) != 0, -mag, mag)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """[..., C] 4-bit codes -> [..., C/2] bytes, first element in the low nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"cannot pack an odd number of codes ({codes.shape[-1]})")
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+# --------------------------------------------------------------------------------------------
+# E4M3 scales
+# --------------------------------------------------------------------------------------------
+
+
+def e4m3_rne(x: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest-even to E4M3 (float32 in, float8_e4m3fn out), saturating at 448."""
+    return x.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def e4m3_floor_and_ulp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For x >= 0: the largest E4M3 value <= x and the E4M3 spacing just above it."""
+    _, exp = torch.frexp(x)
+    exponent = (exp - 1).clamp(min=-6)  # E4M3 subnormals share the spacing of 2^-6's binade
+    ulp = torch.ldexp(torch.ones_like(x), exponent - 3)
+    return torch.floor(x / ulp) * ulp, ulp
+
+
+def e4m3_stochastic(x: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Stochastic rounding of x in [0, 448] to E4M3: E[result] == x.
+
+    Rounds up with probability (x - lo) / (hi - lo), using one uniform [0, 1) draw per element.
+    """
+    x = x.clamp(0, E4M3_MAX)
+    lo, ulp = e4m3_floor_and_ulp(x)
+    up = uniform < (x - lo) / ulp
+    return torch.where(up, lo + ulp, lo).to(torch.float8_e4m3fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Random numbers: the counter-based Philox of triton.language.randint, so kernels and the
+# reference draw the same numbers from the same (seed, offset).
+# --------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _umulhi32(a: int, b: torch.Tensor) -> torch.Tensor:
+    # a, b < 2^32: split b so that partial products stay inside int64.
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    lo = a * b_lo
+    mid = a * b_hi + (lo >> 16)
+    return (mid >> 16) & _M32
+
+
+def philox_randint(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """uint32 draws (as int64) equal to ``tl.randint(seed, offsets)`` for int32 offsets."""
+    seed = seed.to(torch.int64)
+    k0 = seed & _M32
+    k1 = (seed >> 32) & _M32
+    c0 = offsets.to(torch.int64) & _M32
+    c1 = torch.zeros_like(c0)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        _c0, _c2 = c0, c2
+        c0 = _umulhi32(0xCD9E8D57, _c2) ^ c1 ^ k0
+        c2 = _umulhi32(0xD2511F53, _c0) ^ c3 ^ k1
+        c1 = (0xCD9E8D57 * _c2) & _M32
+        c3 = (0xD2511F53 * _c0) & _M32
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    return c0
+
+
+def philox_uniform(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) float32 from the top 24 bits of each draw (exact in float32)."""
+    return (philox_randint(seed, offsets) >> 8).to(torch.float32) * (2.0**-24)
+
+
+def seeded_uniform(seed: torch.Tensor, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """One uniform draw per element of ``shape``, element i at Philox offset i (row-major)."""
+    offsets = torch.arange(math.prod(shape), device=device, dtype=torch.int64)
+    return philox_uniform(seed.to(device), offsets).reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Dequantization
+# --------------------------------------------------------------------------------------------
+
+
+def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """value = e2m1 * e4m3_scale * tensor_scale, computed in float32."""
+    rows = q.codes.shape[0]
+    elems = e2m1_decode(unpack_nibbles(q.codes)).view(rows, -1, GROUP)
+    scales = q.scales.to(torch.float32).unsqueeze(-1)
+    return (elems * scales * q.tensor_scale.to(torch.float32)).view(rows, -1).to(dtype)
+
+
+def _groups(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32).reshape(x.shape[0], -1, GROUP)
+
+
+def _safe_tensor_scale(amax: torch.Tensor, divisor: float) -> torch.Tensor:
+    """amax / divisor; 1 for an all-zero tensor; NaN when amax is not finite (SPEC 1)."""
+    amax = amax.to(torch.float32)
+    scale = torch.where(amax > 0, amax / divisor, torch.ones_like(amax))
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(amax, float("nan")))
+
+
+def _pack(codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor) -> NVFP4Tensor:
+    rows = codes.shape[0]
+    return NVFP4Tensor(pack_nibbles(codes.reshape(rows, -1)), scales, tensor_scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward: RTN with four-over-six (SPEC 2)
+# --------------------------------------------------------------------------------------------
+
+
+def _rtn_candidate(
+    g: torch.Tensor, gmax: torch.Tensor, ts: torch.Tensor, target: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, E4M3 scales and squared error of one scale choice (group max lands on target)."""
+    scale = e4m3_rne(gmax / target / ts)
+    real = scale.to(torch.float32) * ts
+    u = torch.where(real > 0, g / real, torch.zeros_like(g))
+    codes = e2m1_encode(u)
+    err = ((e2m1_decode(codes) * real - g) ** 2).sum(-1, keepdim=True)
+    return codes, scale, err
+
+
+def quantize_rtn(
+    x: torch.Tensor, four_over_six: bool = True, amax: torch.Tensor | None = None
+) -> NVFP4Tensor:
+    """Deterministic forward quantizer: RTN codes, per-group E4M3 scales, FP32 tensor scale.
+
+    With four_over_six each group keeps whichever of "max on 6" and "max on 4" has the smaller
+    squared error (ties keep "six"). ``amax`` may be passed when the graph computed it already.
+    """
+    check_floating(x)
+    check_2d_multiple(x, GROUP)
+    g = _groups(x)
+    if amax is None:
+        amax = g.abs().amax()
+    ts = _safe_tensor_scale(amax, E2M1_MAX * (FWD_SCALE_MAX if four_over_six else E4M3_MAX))
+    gmax = g.abs().amax(-1, keepdim=True)
+    codes, scale, err = _rtn_candidate(g, gmax, ts, 6.0)
+    if four_over_six:
+        codes4, scale4, err4 = _rtn_candidate(g, gmax, ts, 4.0)
+        pick4 = err4 < err
+        codes = torch.where(pick4, codes4, codes)
+        scale = torch.where(pick4, scale4.to(torch.float32), scale.to(torch.float32))
+        scale = scale.to(torch.float8_e4m3fn)
+    scale = torch.where(gmax == 0, 1.0, scale.to(torch.float32)).to(torch.float8_e4m3fn)
+    return _pack(codes, scale.squeeze(-1), ts)
+
+
+# --------------------------------------------------------------------------------------------
+# Randomized Hadamard rotation (SPEC 3)
+# --------------------------------------------------------------------------------------------
+
+
+def hadamard_matrix(n: int = HADAMARD_BLOCK, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Sylvester Hadamard matrix with exact ±1 float32 entries (unnormalized)."""
+    if n <= 0 or n & (n - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+    h = torch.ones(1, 1, device=device)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h
+
+
+def random_signs(generator: torch.Generator | None = None, device: str = "cpu") -> torch.Tensor:
+    """A fresh ±1 float32 vector of length 128."""
+    bits = torch.randint(0, 2, (HADAMARD_BLOCK,), generator=generator, device=device)
+    return bits.to(torch.float32) * 2 - 1
+
+
+def pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the last dimension up to a multiple (exact for both GEMM operands)."""
+    pad = -x.shape[-1] % multiple
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
+
+
+def rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """x · R on consecutive 128-blocks of the last dim, R = H_128 · diag(signs) / sqrt(128)."""
+    _check_signs(signs)
+    check_2d_multiple(x, HADAMARD_BLOCK)
+    h = hadamard_matrix(HADAMARD_BLOCK, x.device)
+    blocks = x.to(torch.float32).reshape(x.shape[0], -1, HADAMARD_BLOCK)
+    rotated = (blocks @ h) * (signs.to(torch.float32) / math.sqrt(HADAMARD_BLOCK))
+    return rotated.reshape(x.shape)
+
+
+def unrotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """x · R^T: undoes rotate()."""
+    _check_signs(signs)
+    h = hadamard_matrix(HADAMARD_BLOCK, x.device)
+    blocks = x.to(torch.float32).reshape(x.shape[0], -1, HADAMARD_BLOCK)
+    blocks = blocks * (signs.to(torch.float32) / math.sqrt(HADAMARD_BLOCK))
+    return (blocks @ h.T).reshape(x.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# MS-EDEN (SPEC 4) and the baselines
+# --------------------------------------------------------------------------------------------
+
+
+def ms_eden(v: torch.Tensor, uniform: torch.Tensor) -> NVFP4Tensor:
+    """MS-EDEN of already rotated values ``v`` [rows, cols]; ``uniform`` [rows, cols/16] in [0,1).
+
+    RTN codes at scale max|g| / fp4_max, the EDEN correction k = <u,u>/<u,c> folded into the group
+    scale, then post-hoc range alignment: tensor scale = max corrected scale / 256 and each E4M3
+    scale stochastically rounded, so E[stored * tensor_scale] equals the corrected scale.
+    """
+    check_floating(v, "v")
+    check_2d_multiple(v, GROUP, "v")
+    g = _groups(v)
+    gmax = g.abs().amax(-1, keepdim=True)
+    s = gmax / EDEN_FP4_MAX
+    u = torch.where(s > 0, g / s, torch.zeros_like(g))
+    codes = e2m1_encode(u)
+    c = e2m1_decode(codes)
+    uc = (u * c).sum(-1, keepdim=True)
+    k = torch.where(uc != 0, (u * u).sum(-1, keepdim=True) / uc, torch.ones_like(uc))
+    corrected = s * k
+    ts = _safe_tensor_scale(corrected.amax(), EDEN_FP8_MAX)
+    stored = e4m3_stochastic(corrected / ts, uniform.unsqueeze(-1))
+    stored = torch.where(gmax == 0, 1.0, stored.to(torch.float32)).to(torch.float8_e4m3fn)
+    return _pack(codes, stored.squeeze(-1), ts)
+
+
+def sr_quantize(v: torch.Tensor, uniform: torch.Tensor) -> NVFP4Tensor:
+    """Baseline: element-wise stochastic rounding to E2M1 with RTN E4M3 scales (max on 6).
+
+    ``uniform`` has v's shape: one draw per element.
+    """
+    check_floating(v, "v")
+    check_2d_multiple(v, GROUP, "v")
+    g = _groups(v)
+    ts = _safe_tensor_scale(g.abs().amax(), E2M1_MAX * E4M3_MAX)
+    gmax = g.abs().amax(-1, keepdim=True)
+    scale = e4m3_rne(gmax / E2M1_MAX / ts)
+    real = scale.to(torch.float32) * ts
+    u = torch.where(real > 0, g / real, torch.zeros_like(g)).clamp(-E2M1_MAX, E2M1_MAX)
+    table = torch.tensor(E2M1_VALUES, device=v.device)
+    a = u.abs()
+    lo_idx = (torch.bucketize(a, table, right=True) - 1).clamp(0, 6)
+    lo, hi = table[lo_idx], table[lo_idx + 1]
+    up = uniform.reshape(g.shape) < (a - lo) / (hi - lo)
+    idx = (lo_idx + up.long()).to(torch.uint8)
+    codes = ((u < 0).to(torch.uint8) << 3) | idx
+    scale = torch.where(gmax == 0, 1.0, scale.to(torch.float32)).to(torch.float8_e4m3fn)
+    return _pack(codes, scale.squeeze(-1), ts)
+
+
+def rtn_backward(v: torch.Tensor) -> NVFP4Tensor:
+    """Baseline for ablation: plain RTN (max on 6, no four-over-six). Biased."""
+    return quantize_rtn(v, four_over_six=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Composite references: the bodies of the quartet2 ops
+# --------------------------------------------------------------------------------------------
+
+
+BACKWARD_METHODS = ("eden", "sr")
+
+
+def rht_quantize(
+    x: torch.Tensor,
+    signs: torch.Tensor,
+    seed: torch.Tensor,
+    transpose: bool = False,
+    method: str = "eden",
+) -> NVFP4Tensor:
+    """Quantize x · R along the last dim (x.T when ``transpose``: reduction over rows).
+
+    The reduction dim is zero-padded to a multiple of 128. ``method`` "eden" is MS-EDEN (one
+    Philox(seed) draw per group, at the group's row-major index); "sr" is the element-wise
+    stochastic-rounding baseline (one draw per element).
+    """
+    check_floating(x)
+    if method not in BACKWARD_METHODS:
+        raise ValueError(f"method must be one of {BACKWARD_METHODS}, got {method!r}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D, got shape {tuple(x.shape)}")
+    v = rotate(pad_last(x.T if transpose else x, HADAMARD_BLOCK), signs)
+    if method == "sr":
+        return sr_quantize(v, seeded_uniform(seed, v.shape, v.device))
+    uniform = seeded_uniform(seed, torch.Size((v.shape[0], v.shape[1] // GROUP)), v.device)
+    return ms_eden(v, uniform)
+
+
+def requant(
+    q: NVFP4Tensor, signs: torch.Tensor, seed: torch.Tensor, method: str = "eden"
+) -> NVFP4Tensor:
+    """deq(q).T rotated and re-quantized: a forward operand grouped along its other dimension."""
+    return rht_quantize(dequantize(q), signs, seed, transpose=True, method=method)
+
+
+def gemm(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """deq(a) @ deq(b).T with float32 accumulation: both operands grouped along K."""
+    if a.codes.shape[1] != b.codes.shape[1]:
+        raise ValueError(f"reduction dims differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return (dequantize(a) @ dequantize(b).T).to(out_dtype)
