@@ -86,7 +86,7 @@ def e2m1_index(u: torch.Tensor) -> torch.Tensor:
     """Round |u| to the nearest E2M1 magnitude index (0..7): ties to even, saturating at 6."""
     a = u.abs()
     idx = torch.zeros(u.shape, dtype=torch.uint8, device=u.device)
-    for mid, up in zip(_MIDPOINTS, _TIE_UP):
+    for mid, up in zip(_MIDPOINTS, _TIE_UP, strict=True):
         idx += (a >= mid) if up else (a > mid)
     return idx
 
