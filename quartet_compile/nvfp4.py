@@ -134,6 +134,13 @@ def e4m3_floor_and_ulp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.floor(x / ulp) * ulp, ulp
 
 
+def e4m3_ceil(x: torch.Tensor) -> torch.Tensor:
+    """Smallest E4M3 value >= x, for x in [0, 448]."""
+    x = x.clamp(0, E4M3_MAX)
+    lo, ulp = e4m3_floor_and_ulp(x)
+    return torch.where(lo < x, lo + ulp, lo).to(torch.float8_e4m3fn)
+
+
 def e4m3_stochastic(x: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Stochastic rounding of x in [0, 448] to E4M3: E[result] == x.
 
@@ -292,22 +299,29 @@ def pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """x · R on consecutive 128-blocks of the last dim, R = H_128 · diag(signs) / sqrt(128)."""
+    """Randomized Hadamard rotation of consecutive 128-blocks of the last dim.
+
+    Each block b becomes R·b with R = H_128 · diag(signs) / sqrt(128): signs first, then the
+    Hadamard mix (in row form, b · diag(signs) · H / sqrt(128); H is symmetric). The order
+    matters: with the signs applied after H they would commute out of any sign-symmetric
+    quantizer and the rotation would no longer randomize anything.
+    """
     _check_signs(signs)
     check_2d_multiple(x, HADAMARD_BLOCK)
     h = hadamard_matrix(HADAMARD_BLOCK, x.device)
     blocks = x.to(torch.float32).reshape(x.shape[0], -1, HADAMARD_BLOCK)
-    rotated = (blocks @ h) * (signs.to(torch.float32) / math.sqrt(HADAMARD_BLOCK))
+    rotated = (blocks * signs.to(torch.float32)) @ h / math.sqrt(HADAMARD_BLOCK)
     return rotated.reshape(x.shape)
 
 
 def unrotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """x · R^T: undoes rotate()."""
+    """Inverse of rotate(): R^T on each block."""
     _check_signs(signs)
+    check_2d_multiple(x, HADAMARD_BLOCK)
     h = hadamard_matrix(HADAMARD_BLOCK, x.device)
     blocks = x.to(torch.float32).reshape(x.shape[0], -1, HADAMARD_BLOCK)
-    blocks = blocks * (signs.to(torch.float32) / math.sqrt(HADAMARD_BLOCK))
-    return (blocks @ h.T).reshape(x.shape)
+    restored = (blocks @ h / math.sqrt(HADAMARD_BLOCK)) * signs.to(torch.float32)
+    return restored.reshape(x.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,41 +329,50 @@ def unrotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def ms_eden(v: torch.Tensor, uniform: torch.Tensor) -> NVFP4Tensor:
-    """MS-EDEN of already rotated values ``v`` [rows, cols]; ``uniform`` [rows, cols/16] in [0,1).
+def eden_codes_and_scales(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN codes of each 16-group at scale max|g| / fp4_max, and the EDEN-corrected real scales.
 
-    RTN codes at scale max|g| / fp4_max, the EDEN correction k = <u,u>/<u,c> folded into the group
-    scale, then post-hoc range alignment: tensor scale = max corrected scale / 256 and each E4M3
-    scale stochastically rounded, so E[stored * tensor_scale] equals the corrected scale.
+    The correction k = <u,u>/<u,c> makes <v_g, S_g * c> == |v_g|^2 (the EDEN identity). Returns
+    codes [rows, groups, 16] (uint8, unpacked) and scales S [rows, groups, 1] (float32).
     """
-    check_floating(v, "v")
-    check_2d_multiple(v, GROUP, "v")
     g = _groups(v)
-    gmax = g.abs().amax(-1, keepdim=True)
-    s = gmax / EDEN_FP4_MAX
+    s = g.abs().amax(-1, keepdim=True) / EDEN_FP4_MAX
     u = torch.where(s > 0, g / s, torch.zeros_like(g))
     codes = e2m1_encode(u)
     c = e2m1_decode(codes)
     uc = (u * c).sum(-1, keepdim=True)
     k = torch.where(uc != 0, (u * u).sum(-1, keepdim=True) / uc, torch.ones_like(uc))
-    corrected = s * k
+    return codes, s * k
+
+
+def ms_eden(v: torch.Tensor, uniform: torch.Tensor) -> NVFP4Tensor:
+    """MS-EDEN of already rotated values ``v`` [rows, cols]; ``uniform`` [rows, cols/16] in [0,1).
+
+    EDEN codes and corrected scales, then post-hoc range alignment: tensor scale = max corrected
+    scale / 256 and each E4M3 scale stochastically rounded, so E[stored * tensor_scale] equals
+    the corrected scale.
+    """
+    check_floating(v, "v")
+    check_2d_multiple(v, GROUP, "v")
+    codes, corrected = eden_codes_and_scales(v)
     ts = _safe_tensor_scale(corrected.amax(), EDEN_FP8_MAX)
     stored = e4m3_stochastic(corrected / ts, uniform.unsqueeze(-1))
-    stored = torch.where(gmax == 0, 1.0, stored.to(torch.float32)).to(torch.float8_e4m3fn)
+    stored = torch.where(corrected == 0, 1.0, stored.to(torch.float32)).to(torch.float8_e4m3fn)
     return _pack(codes, stored.squeeze(-1), ts)
 
 
 def sr_quantize(v: torch.Tensor, uniform: torch.Tensor) -> NVFP4Tensor:
-    """Baseline: element-wise stochastic rounding to E2M1 with RTN E4M3 scales (max on 6).
+    """Baseline: element-wise stochastic rounding to E2M1 with per-group E4M3 scales (max on 6).
 
-    ``uniform`` has v's shape: one draw per element.
+    ``uniform`` has v's shape: one draw per element. The group scale is rounded up to E4M3 rather
+    than to nearest: a scale rounded down would clip the group maximum above 6 and bias SR.
     """
     check_floating(v, "v")
     check_2d_multiple(v, GROUP, "v")
     g = _groups(v)
     ts = _safe_tensor_scale(g.abs().amax(), E2M1_MAX * E4M3_MAX)
     gmax = g.abs().amax(-1, keepdim=True)
-    scale = e4m3_rne(gmax / E2M1_MAX / ts)
+    scale = e4m3_ceil(gmax / E2M1_MAX / ts)
     real = scale.to(torch.float32) * ts
     u = torch.where(real > 0, g / real, torch.zeros_like(g)).clamp(-E2M1_MAX, E2M1_MAX)
     table = torch.tensor(E2M1_VALUES, device=v.device)
