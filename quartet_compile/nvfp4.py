@@ -205,11 +205,11 @@ def seeded_uniform(seed: torch.Tensor, shape: torch.Size, device: torch.device) 
 
 
 def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """value = e2m1 * e4m3_scale * tensor_scale, computed in float32."""
+    """value = e2m1 * (e4m3_scale * tensor_scale), computed in float32."""
     rows = q.codes.shape[0]
     elems = e2m1_decode(unpack_nibbles(q.codes)).view(rows, -1, GROUP)
-    scales = q.scales.to(torch.float32).unsqueeze(-1)
-    return (elems * scales * q.tensor_scale.to(torch.float32)).view(rows, -1).to(dtype)
+    real_scales = q.scales.to(torch.float32).unsqueeze(-1) * q.tensor_scale.to(torch.float32)
+    return (elems * real_scales).view(rows, -1).to(dtype)
 
 
 def _groups(x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +233,7 @@ def _pack(codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor)
 # --------------------------------------------------------------------------------------------
 
 
-def _rtn_candidate(
+def rtn_candidate(
     g: torch.Tensor, gmax: torch.Tensor, ts: torch.Tensor, target: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes, E4M3 scales and squared error of one scale choice (group max lands on target)."""
@@ -260,9 +260,9 @@ def quantize_rtn(
         amax = g.abs().amax()
     ts = _safe_tensor_scale(amax, E2M1_MAX * (FWD_SCALE_MAX if four_over_six else E4M3_MAX))
     gmax = g.abs().amax(-1, keepdim=True)
-    codes, scale, err = _rtn_candidate(g, gmax, ts, 6.0)
+    codes, scale, err = rtn_candidate(g, gmax, ts, 6.0)
     if four_over_six:
-        codes4, scale4, err4 = _rtn_candidate(g, gmax, ts, 4.0)
+        codes4, scale4, err4 = rtn_candidate(g, gmax, ts, 4.0)
         pick4 = err4 < err
         codes = torch.where(pick4, codes4, codes)
         scale = torch.where(pick4, scale4.to(torch.float32), scale.to(torch.float32))
