@@ -436,3 +436,29 @@ def gemm(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype: torch.dtype = torch.bfloat16
     if a.codes.shape[1] != b.codes.shape[1]:
         raise ValueError(f"reduction dims differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     return (dequantize(a) @ dequantize(b).T).to(out_dtype)
+
+
+ROUNDTRIP_METHODS = ("rtn", "four_over_six", "sr", "eden")
+
+
+def roundtrip(
+    x: torch.Tensor, method: str, generator: torch.Generator, rotated: bool = True
+) -> torch.Tensor:
+    """R^T deq(Q(x R)) for one draw of signs and rounding noise: what a GEMM operand becomes.
+
+    Compares quantizers on equal terms (tests and benchmarks/quant_error.py). ``rotated=False``
+    skips the rotation; ``method`` is one of ROUNDTRIP_METHODS.
+    """
+    if method not in ROUNDTRIP_METHODS:
+        raise ValueError(f"method must be one of {ROUNDTRIP_METHODS}, got {method!r}")
+    signs = random_signs(generator, x.device)
+    v = rotate(x, signs) if rotated else x.to(torch.float32)
+    if method == "eden":
+        draws = torch.rand(v.shape[0], v.shape[1] // GROUP, generator=generator)
+        t = ms_eden(v, draws.to(v.device))
+    elif method == "sr":
+        t = sr_quantize(v, torch.rand(v.shape, generator=generator).to(v.device))
+    else:
+        t = quantize_rtn(v, four_over_six=method == "four_over_six")
+    d = t.dequantize()
+    return unrotate(d, signs) if rotated else d

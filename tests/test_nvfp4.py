@@ -307,22 +307,11 @@ N_SEEDS = 600
 X_STAT = _randn(8, 256, seed=30)
 
 
-def _estimates(method: str, rotate: bool = True) -> torch.Tensor:
-    """n estimates of X_STAT through quantizer `method`, each with fresh signs and draws."""
-    out = []
-    for seed in range(N_SEEDS):
-        g = _gen(1000 + seed)
-        signs = q.random_signs(g)
-        v = q.rotate(X_STAT, signs) if rotate else X_STAT
-        if method == "eden":
-            t = q.ms_eden(v, torch.rand(v.shape[0], v.shape[1] // q.GROUP, generator=g))
-        elif method == "sr":
-            t = q.sr_quantize(v, torch.rand(v.shape, generator=g))
-        else:
-            t = q.rtn_backward(v)
-        d = t.dequantize()
-        out.append(q.unrotate(d, signs) if rotate else d)
-    return torch.stack(out)
+def _estimates(method: str, rotated: bool = True) -> torch.Tensor:
+    """N_SEEDS round trips of X_STAT, each with fresh signs and rounding draws."""
+    return torch.stack(
+        [q.roundtrip(X_STAT, method, _gen(1000 + s), rotated) for s in range(N_SEEDS)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -330,8 +319,8 @@ def estimates() -> dict[str, torch.Tensor]:
     return {
         "eden": _estimates("eden"),
         "sr": _estimates("sr"),
-        "sr_plain": _estimates("sr", rotate=False),
-        "rtn_plain": _estimates("rtn", rotate=False),
+        "sr_plain": _estimates("sr", rotated=False),
+        "rtn_plain": _estimates("rtn", rotated=False),
     }
 
 
