@@ -27,6 +27,11 @@ FWD_SCALE_MAX = 256.0
 EDEN_RHO = (17.0 / 16.0) * 0.93
 EDEN_FP4_MAX = E2M1_MAX / EDEN_RHO
 EDEN_FP8_MAX = 256.0
+# Per-element divisions by constants are written as products with float32 reciprocals: torch
+# divides by a Python scalar exactly on CPU but through its reciprocal on CUDA (Inductor too), so
+# only the product form gives one bit pattern on every device and in the kernels. (The 0-d tensor
+# scale keeps its division: kernels compute it with this module's torch code on their device.)
+INV_SQRT_BLOCK = 1.0 / math.sqrt(HADAMARD_BLOCK)
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Midpoints between neighbouring magnitudes, and whether a tie there rounds up: ties go to the
@@ -212,6 +217,17 @@ def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
     return (elems * real_scales).view(rows, -1).to(dtype)
 
 
+def pairwise_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim (a power of two) in a fixed pairwise order, keeping the dim.
+
+    The kernels reduce with the same tree, so their float32 sums agree with these bit-for-bit
+    (torch's own .sum() order differs between devices, and from Triton's).
+    """
+    while t.shape[-1] > 1:
+        t = t[..., 0::2] + t[..., 1::2]
+    return t
+
+
 def _groups(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).reshape(x.shape[0], -1, GROUP)
 
@@ -237,7 +253,7 @@ def rtn_candidate(
     g: torch.Tensor, gmax: torch.Tensor, ts: torch.Tensor, target: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes, E4M3 scales and squared error of one scale choice (group max lands on target)."""
-    scale = e4m3_rne(gmax / target / ts)
+    scale = e4m3_rne(gmax * (1.0 / target) / ts)
     real = scale.to(torch.float32) * ts
     u = torch.where(real > 0, g / real, torch.zeros_like(g))
     codes = e2m1_encode(u)
@@ -310,7 +326,7 @@ def rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     check_2d_multiple(x, HADAMARD_BLOCK)
     h = hadamard_matrix(HADAMARD_BLOCK, x.device)
     blocks = x.to(torch.float32).reshape(x.shape[0], -1, HADAMARD_BLOCK)
-    rotated = (blocks * signs.to(torch.float32)) @ h / math.sqrt(HADAMARD_BLOCK)
+    rotated = (blocks * signs.to(torch.float32)) @ h * INV_SQRT_BLOCK
     return rotated.reshape(x.shape)
 
 
@@ -320,7 +336,7 @@ def unrotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     check_2d_multiple(x, HADAMARD_BLOCK)
     h = hadamard_matrix(HADAMARD_BLOCK, x.device)
     blocks = x.to(torch.float32).reshape(x.shape[0], -1, HADAMARD_BLOCK)
-    restored = (blocks @ h / math.sqrt(HADAMARD_BLOCK)) * signs.to(torch.float32)
+    restored = (blocks @ h * INV_SQRT_BLOCK) * signs.to(torch.float32)
     return restored.reshape(x.shape)
 
 
@@ -336,12 +352,12 @@ def eden_codes_and_scales(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes [rows, groups, 16] (uint8, unpacked) and scales S [rows, groups, 1] (float32).
     """
     g = _groups(v)
-    s = g.abs().amax(-1, keepdim=True) / EDEN_FP4_MAX
+    s = g.abs().amax(-1, keepdim=True) * (1.0 / EDEN_FP4_MAX)
     u = torch.where(s > 0, g / s, torch.zeros_like(g))
     codes = e2m1_encode(u)
     c = e2m1_decode(codes)
-    uc = (u * c).sum(-1, keepdim=True)
-    k = torch.where(uc != 0, (u * u).sum(-1, keepdim=True) / uc, torch.ones_like(uc))
+    uc = pairwise_sum(u * c)
+    k = torch.where(uc != 0, pairwise_sum(u * u) / uc, torch.ones_like(uc))
     return codes, s * k
 
 
@@ -372,7 +388,7 @@ def sr_quantize(v: torch.Tensor, uniform: torch.Tensor) -> NVFP4Tensor:
     g = _groups(v)
     ts = _safe_tensor_scale(g.abs().amax(), E2M1_MAX * E4M3_MAX)
     gmax = g.abs().amax(-1, keepdim=True)
-    scale = e4m3_ceil(gmax / E2M1_MAX / ts)
+    scale = e4m3_ceil(gmax * (1.0 / E2M1_MAX) / ts)
     real = scale.to(torch.float32) * ts
     u = torch.where(real > 0, g / real, torch.zeros_like(g)).clamp(-E2M1_MAX, E2M1_MAX)
     table = torch.tensor(E2M1_VALUES, device=v.device)
