@@ -1,7 +1,15 @@
 """Shared pytest set-up: ``gpu`` tests run only where CUDA is present."""
 
+import os
+
 import pytest
 import torch
+
+# Without CUDA the Triton kernels run under Triton's interpreter (tests/test_kernels.py).
+# triton.jit reads the switch when a kernel is defined, so it is set before any test module
+# imports quartet_compile.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
