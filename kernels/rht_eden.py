@@ -37,7 +37,8 @@ BLOCK: tl.constexpr = tl.constexpr(nvfp4.HADAMARD_BLOCK)
 INV_SQRT_BLOCK: tl.constexpr = tl.constexpr(nvfp4.INV_SQRT_BLOCK)
 INV_EDEN_FP4_MAX: tl.constexpr = tl.constexpr(1.0 / nvfp4.EDEN_FP4_MAX)
 INV_E2M1_MAX: tl.constexpr = tl.constexpr(1.0 / nvfp4.E2M1_MAX)
-BLOCK_R = 64
+# 16 rows x 128 per program: no register spills (ptxas: 128 registers at 4 warps; 64 rows spilled).
+BLOCK_R = 16
 # Tensor-core operand type that holds each source's values exactly (uint8 = NVFP4 unit values).
 _MIX_OF_SOURCE = {
     torch.bfloat16: "bf16",
@@ -145,9 +146,10 @@ def _eden_data_kernel(
     s = group_absmax(g) * INV_EDEN_FP4_MAX
     u = tl.where(s > 0, divide(g, s), 0.0)
     codes = e2m1_encode(u)
-    # Selecting the products keeps them separate roundings (no FMA into the sums), as in torch.
-    uc = _pairwise_sum16(tl.where(s > 0, u * e2m1_value(codes), 0.0))
-    uu = _pairwise_sum16(tl.where(s > 0, u * u, 0.0))
+    # A per-element select keeps each product a separate rounding, as in torch: otherwise the
+    # compiler fuses it into the sum's first addition (an FMA rounds once, so k differs).
+    uc = _pairwise_sum16(tl.where(u != 0, u * e2m1_value(codes), 0.0))
+    uu = _pairwise_sum16(tl.where(u != 0, u * u, 0.0))
     corrected = s * tl.where(uc != 0, divide(uu, uc), 1.0)
     _store_tile(codes_ptr, pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK))), rows, padded // 2,
                 BLOCK_R)  # fmt: skip

@@ -10,6 +10,8 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from quartet_compile import nvfp4 as q
 from quartet_compile.kernels import gemm, quantize, rht_eden
@@ -38,6 +40,27 @@ def assert_same_triple(got, ref: q.NVFP4Tensor) -> None:
     diff = scales.view(torch.uint8) != ref.scales.view(torch.uint8)
     assert not diff.any(), f"{diff.sum()} of {diff.numel()} scales differ"
     assert ts.dtype == torch.float32 and ts.shape == () and torch.equal(ts, ref.tensor_scale)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _encode_kernel(u_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, quantize.e2m1_encode(tl.load(u_ptr + offs)))
+
+
+def test_e2m1_encode_bit_trick_equals_reference_rounding():
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    near = torch.cat([mids, mids.nextafter(torch.tensor(0.0)), mids.nextafter(torch.tensor(9.0))])
+    special = torch.tensor([0.0, 0.5, 1.0, 1.5, 6.0, 6.5, 7.0, 1e30, 1e-30, float("inf")])
+    values = torch.cat([near, special, torch.rand(1024 - 3 * 7 - 10, generator=_gen(0)) * 8])
+    u = torch.cat([values, -values])
+    u[-1] = float("nan")
+    out = torch.empty(2048, dtype=torch.int32)
+    _encode_kernel[(1,)](u, out, 2048)
+    assert torch.equal(out.to(torch.uint8), q.e2m1_encode(u))
 
 
 # ------------------------------------------------------------------------------ quantize_fwd
