@@ -16,7 +16,7 @@ from triton.testing import do_bench_cudagraph
 
 from quartet_compile import nvfp4 as q
 from quartet_compile import ops  # noqa: F401  (registers the ops)
-from quartet_compile.kernels import gemm
+from quartet_compile.kernels import gemm, quantize, rht_eden
 from results import markdown_table, write_section
 
 OPS = torch.ops.quartet2
@@ -55,6 +55,36 @@ def quantizer_cases(t: int, k: int):
     yield "requant eden", lambda: OPS.requant(*xq, signs, seed, "eden"), 2 * out
 
 
+def tile_sweep(t: int, k: int) -> list[list[str]]:
+    """Time each candidate tile of the quantizers (module settings, read at launch)."""
+    x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+    amax = x.float().abs().amax()
+    signs = q.random_signs(device="cuda")
+    seed = torch.tensor(1234, device="cuda")
+    xq = OPS.quantize_fwd(x, amax, True)
+    rows = []
+    default = quantize.TILE
+    for tile in [(8, 128, 4), (16, 64, 4), (16, 128, 8), (4, 256, 4), (32, 128, 8)]:
+        quantize.TILE = tile
+        rows.append(["quantize_fwd", str(tile), _us(lambda: OPS.quantize_fwd(x, amax, True))])
+    quantize.TILE = default
+    cases = {
+        "x": lambda: OPS.rht_eden(x, signs, seed, True, "eden"),
+        "nvfp4": lambda: OPS.requant(*xq, signs, seed, "eden"),
+    }
+    for key, fn in cases.items():
+        default = rht_eden.TILES[key]
+        for tile in [(64, 8), (32, 8), (128, 8), (16, 4), (32, 4)]:
+            rht_eden.TILES[key] = tile
+            rows.append([f"eden data pass ({key})", str(tile), _us(fn)])
+        rht_eden.TILES[key] = default
+    return rows
+
+
+def _us(fn) -> str:
+    return f"{1000 * median_ms(fn):.0f}"
+
+
 def gemm_row(m: int, n: int, k: int) -> list[str]:
     a = OPS.quantize_fwd(*_operand(m, k))
     b = OPS.quantize_fwd(*_operand(n, k))
@@ -87,6 +117,9 @@ def main() -> None:
                 [kernel, f"{t}x{k}", f"{1000 * ms:.0f}", f"{gbps:.0f}", f"{100 * gbps / copy:.0f}%"]
             )
             print(quant_rows[-1], flush=True)
+    sweep_rows = tile_sweep(*QUANT_SHAPES[0])
+    for row in sweep_rows:
+        print(row, flush=True)
     gemm_rows = []
     for size in GEMM_SIZES:
         gemm_rows.append(gemm_row(*size))
@@ -96,6 +129,9 @@ def main() -> None:
             f"{name}, torch {torch.__version__}; medians of CUDA-graph replays, random inputs. "
             f"Device copy bandwidth (read + write): **{copy:.0f} GB/s**.",
             markdown_table(["op", "shape", "us", "GB/s", "% of copy"], quant_rows),
+            f"Tile sweep at {QUANT_SHAPES[0][0]}x{QUANT_SHAPES[0][1]} (us per op call; the "
+            "transposed rht_eden for plain inputs, requant for NVFP4 ones):",
+            markdown_table(["kernel", "tile (rows, [cols,] warps)", "us"], sweep_rows),
             f"NVFP4 GEMM (bf16 output; dequantization included; op design: `{gemm.DESIGN}`), "
             "TFLOP/s and % of torch.mm BF16:",
             markdown_table(

@@ -23,22 +23,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from quartet_compile.kernels.quantize import e2m1_value, unpack_nibbles
+from quartet_compile.kernels.quantize import unit_tile
 
 DESIGN = "cublas"
-
-
-@triton.jit
-def _unit_tile(codes_ptr, scales_ptr, row, k0, rows, K, BLOCK_K: tl.constexpr):
-    """bf16 unit values (e2m1 * e4m3, exact) of rows ``row`` ([B, 1]) and columns k0 + [0, BK)."""
-    byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :]
-    grp = k0 // 16 + tl.arange(0, BLOCK_K // 16)[None, :]
-    row64 = row.to(tl.int64)
-    packed = tl.load(codes_ptr + row64 * (K // 2) + byte, mask=(row < rows) & (byte < K // 2))
-    scale = tl.load(scales_ptr + row64 * (K // 16) + grp, mask=(row < rows) & (grp < K // 16))
-    scale = tl.where((row < rows) & (grp < K // 16), scale.to(tl.float32), 0.0)
-    values = tl.reshape(e2m1_value(unpack_nibbles(packed)), (row.shape[0], BLOCK_K // 16, 16))
-    return tl.reshape(values * scale[:, :, None], (row.shape[0], BLOCK_K))
 
 
 @triton.jit
@@ -46,7 +33,7 @@ def _dequantize_kernel(codes_ptr, scales_ptr, out_ptr, rows, K, BLOCK_R: tl.cons
                        BLOCK_K: tl.constexpr):  # fmt: skip
     row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     k0 = tl.program_id(1) * BLOCK_K
-    units = _unit_tile(codes_ptr, scales_ptr, row, k0, rows, K, BLOCK_K).to(tl.bfloat16)
+    units = unit_tile(codes_ptr, scales_ptr, row, k0, rows, K, BLOCK_K).to(tl.bfloat16)
     col = k0 + tl.arange(0, BLOCK_K)[None, :]
     tl.store(out_ptr + row.to(tl.int64) * K + col, units, mask=(row < rows) & (col < K))
 
@@ -74,8 +61,8 @@ def _fused_gemm_kernel(
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        a = _unit_tile(a_codes, a_scales, rm, kb * BLOCK_K, M, K, BLOCK_K)
-        b = _unit_tile(b_codes, b_scales, rn, kb * BLOCK_K, N, K, BLOCK_K)
+        a = unit_tile(a_codes, a_scales, rm, kb * BLOCK_K, M, K, BLOCK_K)
+        b = unit_tile(b_codes, b_scales, rn, kb * BLOCK_K, N, K, BLOCK_K)
         if DOT_F32:
             acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
         else:

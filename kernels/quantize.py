@@ -14,6 +14,10 @@ from torch.library import wrap_triton
 
 from quartet_compile import nvfp4
 
+# (rows, columns, warps) per program of the forward quantizer: 8 elements per thread keep it free
+# of register spills (ptxas: 96 registers; 32 x 128 spilled); swept in benchmarks/kernels.py.
+TILE = (8, 128, 4)
+
 # ------------------------------------------------------------------------------------ helpers
 
 
@@ -76,6 +80,20 @@ def unpack_nibbles(packed):
     packed = packed.to(tl.int32)
     both = tl.join(packed & 15, packed >> 4)
     return tl.reshape(both, (packed.shape[0], packed.shape[1] * 2))
+
+
+@triton.jit
+def unit_tile(codes_ptr, scales_ptr, row, k0, rows, K, BLOCK_K: tl.constexpr):
+    """Float32 unit values e2m1 * e4m3 (exact in bf16) of a [rows, K] triple's rows ``row``
+    ([B, 1]) and columns k0 + [0, BLOCK_K); zero outside the tensor."""
+    byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :]
+    grp = k0 // 16 + tl.arange(0, BLOCK_K // 16)[None, :]
+    row64 = row.to(tl.int64)
+    packed = tl.load(codes_ptr + row64 * (K // 2) + byte, mask=(row < rows) & (byte < K // 2))
+    scale = tl.load(scales_ptr + row64 * (K // 16) + grp, mask=(row < rows) & (grp < K // 16))
+    scale = tl.where((row < rows) & (grp < K // 16), scale.to(tl.float32), 0.0)
+    values = tl.reshape(e2m1_value(unpack_nibbles(packed)), (row.shape[0], BLOCK_K // 16, 16))
+    return tl.reshape(values * scale[:, :, None], (row.shape[0], BLOCK_K))
 
 
 @triton.jit
@@ -211,9 +229,10 @@ def quantize_rtn(
     ts = nvfp4._safe_tensor_scale(amax, divisor)
     codes = x.new_empty((rows, cols // 2), dtype=torch.uint8)
     scales = x.new_empty((rows, cols // nvfp4.GROUP), dtype=torch.float8_e4m3fn)
-    block_r, block_c = 8, 128  # 8 elements per thread: no register spills (ptxas: 87 registers)
+    block_r, block_c, warps = TILE
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     wrap_triton(_quantize_rtn_kernel)[grid](
-        x, ts, codes, scales, rows, cols, x.stride(0), four_over_six, block_r, block_c
-    )
+        x, ts, codes, scales, rows, cols, x.stride(0), four_over_six, block_r, block_c,
+        num_warps=warps,
+    )  # fmt: skip
     return codes, scales, ts

@@ -3,7 +3,8 @@
 One program owns BLOCK_R output rows x one 128-block of the reduction dim. It loads the block
 (from x, from x.T, or from a forward NVFP4 triple dequantized in registers), applies the signs,
 mixes with the exact +-1 Hadamard matrix on the tensor cores (``tl.dot``, 16-bit operands, float32
-accumulation: every product is exact) and scales by 1/sqrt(128) in float32.
+accumulation: every product is exact) and scales by 1/sqrt(128) in float32. H_128 is written once
+per call by a one-program kernel and loaded by every program (cheaper than rebuilding it).
 
 MS-EDEN needs the largest corrected scale before any E4M3 scale exists, so it runs in two passes:
 the data pass writes codes, float32 corrected scales and one partial max per program; a torch
@@ -31,14 +32,17 @@ from quartet_compile.kernels.quantize import (
     group_absmax,
     pack_nibbles,
     philox_uniform,
+    unit_tile,
 )
 
 BLOCK: tl.constexpr = tl.constexpr(nvfp4.HADAMARD_BLOCK)
 INV_SQRT_BLOCK: tl.constexpr = tl.constexpr(nvfp4.INV_SQRT_BLOCK)
 INV_EDEN_FP4_MAX: tl.constexpr = tl.constexpr(1.0 / nvfp4.EDEN_FP4_MAX)
 INV_E2M1_MAX: tl.constexpr = tl.constexpr(1.0 / nvfp4.E2M1_MAX)
-# 16 rows x 128 per program: no register spills (ptxas: 128 registers at 4 warps; 64 rows spilled).
-BLOCK_R = 16
+# (rows per program, warps) of the data passes, for plain/transposed inputs and for NVFP4 ones
+# (their rows are bytes: 64 columns make 32-byte loads). No register spills (ptxas); chosen by
+# the sweep in benchmarks/kernels.py.
+TILES = {"x": (64, 8), "nvfp4": (64, 8)}
 # Tensor-core operand type that holds each source's values exactly (uint8 = NVFP4 unit values).
 _MIX_OF_SOURCE = {
     torch.bfloat16: "bf16",
@@ -46,63 +50,57 @@ _MIX_OF_SOURCE = {
     torch.float32: "bf16x3",
     torch.uint8: "bf16",
 }
+_MIX_DTYPE = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "bf16x3": torch.bfloat16,
+    "f32": torch.float32,
+}
 
 
 @triton.jit
-def _hadamard(dtype: tl.constexpr):
-    """Sylvester H_128: entry (i, j) is (-1)^popcount(i & j)."""
-    p = tl.arange(0, BLOCK)[:, None] & tl.arange(0, BLOCK)[None, :]
-    p ^= p >> 4
-    p ^= p >> 2
-    p ^= p >> 1
-    return (1 - 2 * (p & 1)).to(dtype)
-
-
-@triton.jit
-def _mix(x, MIX: tl.constexpr):
-    """x @ H_128 for float32 x whose values are exact in the MIX operand type.
+def _mix(x, h_ptr, MIX: tl.constexpr):
+    """x @ H_128 for float32 x whose values are exact in the MIX operand type (H: h_ptr's type).
 
     "bf16"/"fp16": one tensor-core dot; "bf16x3": three bf16 slices carry all 24 bits of a
     float32 input; "f32": a float32 dot, for the interpreter, whose tl.dot mishandles bf16.
     """
+    h = tl.load(h_ptr + tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :])
     if MIX == "f32":
-        return tl.dot(x, _hadamard(tl.float32), input_precision="ieee")
+        return tl.dot(x, h, input_precision="ieee")
     elif MIX == "bf16x3":
-        h = _hadamard(tl.bfloat16)
         hi = x.to(tl.bfloat16)
         mid = (x - hi.to(tl.float32)).to(tl.bfloat16)
         lo = (x - hi.to(tl.float32) - mid.to(tl.float32)).to(tl.bfloat16)
         return tl.dot(hi, h, tl.dot(mid, h, tl.dot(lo, h)))
     else:
-        dtype: tl.constexpr = tl.bfloat16 if MIX == "bf16" else tl.float16
-        return tl.dot(x.to(dtype), _hadamard(dtype))
+        return tl.dot(x.to(h.dtype), h)
 
 
 @triton.jit
 def _rotated_tile(
-    src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, rows, red, stride_r, stride_k, stride_s,
+    src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, h_ptr, rows, red, stride_r, stride_k,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """[BLOCK_R, 128] float32 rotated values of this program's rows and reduction block.
 
     Logical input X'[r, k] = src[r * stride_r + k * stride_k], zero beyond ``rows``/``red``.
-    With FROM_NVFP4, X'[r, k] = deq(codes)[k, r] (the transposed forward triple): the unit values
-    e2m1 * e4m3 are exact in bf16, so the tensor scale is applied after the mix.
+    With FROM_NVFP4, X'[r, k] = deq(triple)[k, r]: the triple's rows are loaded as they lie
+    (coalesced) and transposed in registers; the unit values e2m1 * e4m3 are exact in bf16, so
+    the tensor scale is applied after the mix.
     """
     row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     kk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
-    mask = (row < rows) & (kk < red)
-    signs = tl.load(signs_ptr + tl.arange(0, BLOCK))[None, :].to(tl.float32)
+    signs = tl.load(signs_ptr + tl.arange(0, BLOCK)).to(tl.float32)
     if FROM_NVFP4:
-        byte = tl.load(src_ptr + kk.to(tl.int64) * stride_k + row // 2, mask=mask, other=0)
-        code = (byte.to(tl.int32) >> ((row & 1) * 4)) & 15
-        scale = tl.load(src_scales_ptr + kk.to(tl.int64) * stride_s + row // 16, mask=mask)
-        units = e2m1_value(code) * tl.where(mask, scale.to(tl.float32), 0.0)
-        acc = _mix(units * signs, MIX) * tl.load(src_ts_ptr)
+        k_rows = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[:, None]
+        units = unit_tile(src_ptr, src_scales_ptr, k_rows, tl.program_id(0) * BLOCK_R, red, rows,
+                          BLOCK_R)  # fmt: skip
+        acc = _mix(tl.trans(units * signs[:, None]), h_ptr, MIX) * tl.load(src_ts_ptr)
     else:
         offs = row.to(tl.int64) * stride_r + kk.to(tl.int64) * stride_k
-        x = tl.load(src_ptr + offs, mask=mask, other=0.0)
-        acc = _mix(x.to(tl.float32) * signs, MIX)
+        x = tl.load(src_ptr + offs, mask=(row < rows) & (kk < red), other=0.0)
+        acc = _mix(x.to(tl.float32) * signs[None, :], h_ptr, MIX)
     return acc * INV_SQRT_BLOCK
 
 
@@ -116,11 +114,13 @@ def _store_tile(ptr, values, rows, row_stride, BLOCK_R: tl.constexpr):
 
 @triton.jit
 def _pairwise_sum16(t):
-    """nvfp4.pairwise_sum over the last axis of [rows, groups, 16]: the same addition tree."""
+    """nvfp4.pairwise_sum over the last axis of [rows, groups, 16]: the same addition tree.
+
+    Each level sums adjacent pairs (a two-element sum has one rounding in any order).
+    """
     for _ in tl.static_range(4):
-        a, b = tl.split(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2] // 2, 2)))
-        t = a + b
-    return tl.reshape(t, (t.shape[0], t.shape[1], 1))
+        t = tl.sum(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2] // 2, 2)), axis=3)
+    return t
 
 
 @triton.jit
@@ -133,13 +133,13 @@ def _store_partial_max(partial_ptr, values):
 
 @triton.jit
 def _eden_data_kernel(
-    src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, codes_ptr, corrected_ptr, partial_ptr,
-    rows, red, stride_r, stride_k, stride_s, padded,
+    src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, h_ptr, codes_ptr, corrected_ptr, partial_ptr,
+    rows, red, stride_r, stride_k, padded,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """nvfp4.eden_codes_and_scales on one rotated tile: codes, corrected scales, partial max."""
     v = _rotated_tile(
-        src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, rows, red, stride_r, stride_k, stride_s,
+        src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, h_ptr, rows, red, stride_r, stride_k,
         FROM_NVFP4, MIX, BLOCK_R,
     )  # fmt: skip
     g = tl.reshape(v, (BLOCK_R, BLOCK // 16, 16))
@@ -172,13 +172,13 @@ def _eden_scales_kernel(corrected_ptr, ts_ptr, seed_ptr, scales_ptr, n, BLOCK_N:
 
 @triton.jit
 def _absmax_kernel(
-    src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, partial_ptr,
-    rows, red, stride_r, stride_k, stride_s,
+    src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, h_ptr, partial_ptr,
+    rows, red, stride_r, stride_k,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """max|v| of one rotated tile (the SR baseline's tensor amax, first pass)."""
     v = _rotated_tile(
-        src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, rows, red, stride_r, stride_k, stride_s,
+        src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, h_ptr, rows, red, stride_r, stride_k,
         FROM_NVFP4, MIX, BLOCK_R,
     )  # fmt: skip
     _store_partial_max(partial_ptr, tl.reshape(tl.abs(v), (BLOCK_R, BLOCK, 1)))
@@ -186,13 +186,13 @@ def _absmax_kernel(
 
 @triton.jit
 def _sr_kernel(
-    src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, ts_ptr, seed_ptr, codes_ptr, scales_ptr,
-    rows, red, stride_r, stride_k, stride_s, padded,
+    src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, h_ptr, ts_ptr, seed_ptr, codes_ptr,
+    scales_ptr, rows, red, stride_r, stride_k, padded,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """nvfp4.sr_quantize on one rotated tile: ceil-E4M3 scales, element-wise SR to E2M1."""
     v = _rotated_tile(
-        src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, rows, red, stride_r, stride_k, stride_s,
+        src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, h_ptr, rows, red, stride_r, stride_k,
         FROM_NVFP4, MIX, BLOCK_R,
     )  # fmt: skip
     g = tl.reshape(v, (BLOCK_R, BLOCK // 16, 16))
@@ -219,11 +219,23 @@ def _sr_kernel(
                 BLOCK_R)  # fmt: skip
 
 
+@triton.jit
+def _hadamard_kernel(h_ptr):
+    """Write the Sylvester H_128 ((-1)^popcount(i & j)) for the data passes to load."""
+    i = tl.arange(0, BLOCK)[:, None]
+    j = tl.arange(0, BLOCK)[None, :]
+    p = i & j
+    p ^= p >> 4
+    p ^= p >> 2
+    p ^= p >> 1
+    tl.store(h_ptr + i * BLOCK + j, (1 - 2 * (p & 1)).to(h_ptr.dtype.element_ty))
+
+
 def _quantize_rotated(
     src: torch.Tensor,
     src_scales: torch.Tensor,
     src_ts: torch.Tensor,
-    strides: tuple[int, int, int],
+    strides: tuple[int, int],
     rows: int,
     red: int,
     signs: torch.Tensor,
@@ -234,20 +246,24 @@ def _quantize_rotated(
     """Launch one method's passes over the logical [rows, red] input described by the args."""
     if method not in nvfp4.BACKWARD_METHODS:
         raise ValueError(f"method must be one of {nvfp4.BACKWARD_METHODS}, got {method!r}")
-    padded = red + (-red % nvfp4.HADAMARD_BLOCK)
-    signs, seed = signs.to(src.device, torch.float32), seed.to(src.device)
-    mix = "f32" if not src.is_cuda else _MIX_OF_SOURCE[src.dtype]
     device = src.device
+    padded = red + (-red % nvfp4.HADAMARD_BLOCK)
+    signs, seed = signs.to(device, torch.float32), seed.to(device)
+    mix = _MIX_OF_SOURCE[src.dtype] if src.is_cuda else "f32"
+    h = torch.empty((nvfp4.HADAMARD_BLOCK,) * 2, dtype=_MIX_DTYPE[mix], device=device)
+    wrap_triton(_hadamard_kernel)[(1,)](h)
     codes = torch.empty((rows, padded // 2), dtype=torch.uint8, device=device)
     scales = torch.empty((rows, padded // nvfp4.GROUP), dtype=torch.float8_e4m3fn, device=device)
-    grid = (triton.cdiv(rows, BLOCK_R), padded // nvfp4.HADAMARD_BLOCK)
+    block_r, warps = TILES["nvfp4" if from_nvfp4 else "x"]
+    grid = (triton.cdiv(rows, block_r), padded // nvfp4.HADAMARD_BLOCK)
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=device)
-    source = (src, src_scales, src_ts, signs)
+    source = (src, src_scales, src_ts, signs, h)
     shape = (rows, red, *strides)
+    consts = dict(FROM_NVFP4=from_nvfp4, MIX=mix, BLOCK_R=block_r, num_warps=warps)
     if method == "eden":
         corrected = torch.empty(scales.shape, dtype=torch.float32, device=device)
         wrap_triton(_eden_data_kernel)[grid](
-            *source, codes, corrected, partial, *shape, padded, from_nvfp4, mix, BLOCK_R
+            *source, codes, corrected, partial, *shape, padded, **consts
         )
         ts = nvfp4._safe_tensor_scale(partial.amax(), nvfp4.EDEN_FP8_MAX)
         n = corrected.numel()
@@ -255,11 +271,9 @@ def _quantize_rotated(
             corrected, ts, seed, scales, n, 1024
         )
     else:
-        wrap_triton(_absmax_kernel)[grid](*source, partial, *shape, from_nvfp4, mix, BLOCK_R)
+        wrap_triton(_absmax_kernel)[grid](*source, partial, *shape, **consts)
         ts = nvfp4._safe_tensor_scale(partial.amax(), nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)
-        wrap_triton(_sr_kernel)[grid](
-            *source, ts, seed, codes, scales, *shape, padded, from_nvfp4, mix, BLOCK_R
-        )
+        wrap_triton(_sr_kernel)[grid](*source, ts, seed, codes, scales, *shape, padded, **consts)
     return codes, scales, ts
 
 
@@ -269,10 +283,9 @@ def rht_quantize(
     """NVFP4 triple of x · R (x.T · R when ``transpose``), as nvfp4.rht_quantize."""
     check_quantizable(x, 1)
     rows, red = (x.shape[1], x.shape[0]) if transpose else x.shape
-    strides = (x.stride(1), x.stride(0), 0) if transpose else (x.stride(0), x.stride(1), 0)
-    # The signs tensor stands in for the unused NVFP4 scale / tensor-scale pointers.
-    signs = signs.to(x.device, torch.float32)
-    return _quantize_rotated(x, signs, signs, strides, rows, red, signs, seed, method, False)
+    strides = (x.stride(1), x.stride(0)) if transpose else (x.stride(0), x.stride(1))
+    # x stands in for the NVFP4 scale / tensor-scale pointers, which this path never reads.
+    return _quantize_rotated(x, x, x, strides, rows, red, signs, seed, method, False)
 
 
 def requant(
@@ -286,8 +299,7 @@ def requant(
     """NVFP4 triple of deq(triple).T · R, as nvfp4.requant (exact when the tensor scale is a
     power of two; otherwise the scale is applied after the mix, one rounding away)."""
     codes, scales = codes.contiguous(), scales.contiguous()
-    strides = (0, codes.stride(0), scales.stride(0))
     rows, red = codes.shape[1] * 2, codes.shape[0]
     return _quantize_rotated(
-        codes, scales, tensor_scale, strides, rows, red, signs, seed, method, True
+        codes, scales, tensor_scale, (0, 0), rows, red, signs, seed, method, True
     )
