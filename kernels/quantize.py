@@ -41,18 +41,26 @@ def divide(a, b):
 
 
 @triton.jit
-def e2m1_encode(u):
-    """Signed 4-bit code of RTN(u): midpoint ties to the even index, saturating at 6, NaN -> 0.
+def e2m1_round(u):
+    """|RTN(u)| to E2M1 as a float32: midpoint ties to the even index, saturating at 6, NaN -> 0.
 
     From 1 up, E2M1 is float32 with a 1-bit significand: round the bit pattern to it (ties to
-    even) and read exponent and bit; below 1 the grid is {0, 0.5, 1}: two comparisons.
+    even, an integer add); below 1 the grid is {0, 0.5, 1}: two comparisons.
     """
     a = tl.abs(u)
     bits = a.to(tl.int32, bitcast=True)
-    bits = (bits + 0x1FFFFF + ((bits >> 22) & 1)) & ~0x3FFFFF
-    big = tl.minimum(2 * ((bits >> 23) - 127) + 2 + ((bits >> 22) & 1), 7)
-    small = (a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32)
-    return ((u < 0).to(tl.int32) << 3) | tl.where(a >= 1.0, big, small)
+    big = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) & ~0x3FFFFF).to(tl.float32, bitcast=True)
+    small = ((a > 0.25).to(tl.float32) + (a >= 0.75).to(tl.float32)) * 0.5
+    return tl.where(a >= 1.0, tl.minimum(big, 6.0), small)
+
+
+@triton.jit
+def e2m1_code(u, magnitude):
+    """4-bit code (sign of u << 3 | index) of an E2M1 magnitude from e2m1_round(u)."""
+    bits = magnitude.to(tl.int32, bitcast=True)
+    big = 2 * ((bits >> 23) - 127) + 2 + ((bits >> 22) & 1)
+    idx = tl.where(magnitude >= 1.0, big, (magnitude * 2.0).to(tl.int32))
+    return ((u < 0).to(tl.int32) << 3) | idx
 
 
 @triton.jit
@@ -162,14 +170,14 @@ def store_rows(ptr, values, row, col0, rows, row_stride):
 
 @triton.jit
 def _rtn_candidate(g, gmax, ts, TARGET: tl.constexpr):
-    """nvfp4.rtn_candidate: codes, E4M3 scale (as float32) and squared error of one choice."""
+    """nvfp4.rtn_candidate: scaled values u, E2M1 magnitudes, E4M3 scale (float32), error."""
     scale = e4m3_rne(divide(gmax * (1.0 / TARGET), ts))
     real = scale * ts
     u = tl.where(real > 0, divide(g, real), 0.0)
-    codes = e2m1_encode(u)
+    magnitude = e2m1_round(u)
     # The select keeps the product a separate rounding (no FMA with the subtraction), as in torch.
-    dq = tl.where(real > 0, e2m1_value(codes) * real, 0.0)
-    return codes, scale, tl.sum((dq - g) * (dq - g), axis=2, keep_dims=True)
+    dq = tl.where(real > 0, tl.where(u < 0, -magnitude, magnitude) * real, 0.0)
+    return u, magnitude, scale, tl.sum((dq - g) * (dq - g), axis=2, keep_dims=True)
 
 
 @triton.jit
@@ -192,12 +200,14 @@ def _quantize_rtn_kernel(
     g = tl.reshape(x.to(tl.float32), (BLOCK_R, BLOCK_C // 16, 16))
     ts = tl.load(ts_ptr)
     gmax = group_absmax(g)
-    codes, scale, err = _rtn_candidate(g, gmax, ts, 6.0)
+    u, magnitude, scale, err = _rtn_candidate(g, gmax, ts, 6.0)
     if FOUR_OVER_SIX:
-        codes4, scale4, err4 = _rtn_candidate(g, gmax, ts, 4.0)
+        u4, magnitude4, scale4, err4 = _rtn_candidate(g, gmax, ts, 4.0)
         pick4 = err4 < err
-        codes = tl.where(pick4, codes4, codes)
+        u = tl.where(pick4, u4, u)
+        magnitude = tl.where(pick4, magnitude4, magnitude)
         scale = tl.where(pick4, scale4, scale)
+    codes = e2m1_code(u, magnitude)
     scale = tl.where(gmax == 0, 1.0, scale)
     # Columns past ``cols`` form whole masked groups (cols % 16 == 0): their stores are masked.
     byte = tl.program_id(1) * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)[None, :]

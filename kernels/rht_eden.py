@@ -25,7 +25,8 @@ from quartet_compile.kernels.quantize import (
     check_quantizable,
     clamp_max,
     divide,
-    e2m1_encode,
+    e2m1_code,
+    e2m1_round,
     e2m1_value,
     e4m3_ceil,
     e4m3_stochastic,
@@ -145,10 +146,11 @@ def _eden_data_kernel(
     g = tl.reshape(v, (BLOCK_R, BLOCK // 16, 16))
     s = group_absmax(g) * INV_EDEN_FP4_MAX
     u = tl.where(s > 0, divide(g, s), 0.0)
-    codes = e2m1_encode(u)
+    magnitude = e2m1_round(u)
+    codes = e2m1_code(u, magnitude)
     # A per-element select keeps each product a separate rounding, as in torch: otherwise the
     # compiler fuses it into the sum's first addition (an FMA rounds once, so k differs).
-    uc = _pairwise_sum16(tl.where(u != 0, u * e2m1_value(codes), 0.0))
+    uc = _pairwise_sum16(tl.where(u != 0, tl.abs(u) * magnitude, 0.0))
     uu = _pairwise_sum16(tl.where(u != 0, u * u, 0.0))
     corrected = s * tl.where(uc != 0, divide(uu, uc), 1.0)
     _store_tile(codes_ptr, pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK))), rows, padded // 2,
