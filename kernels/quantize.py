@@ -158,13 +158,6 @@ def philox_uniform(seed, offsets):
     return (tl.randint(seed, offsets) >> 8).to(tl.float32) * (2.0**-24)
 
 
-@triton.jit
-def store_rows(ptr, values, row, col0, rows, row_stride):
-    """Store a [BLOCK_R, n] tile at rows ``row`` ([BLOCK_R, 1]) and columns col0 + [0, n)."""
-    col = col0 + tl.arange(0, values.shape[1])[None, :]
-    tl.store(ptr + row.to(tl.int64) * row_stride + col, values, mask=row < rows)
-
-
 # ------------------------------------------------------------------------------------ kernel
 
 
