@@ -47,15 +47,20 @@ class QuartetConfig:
         config = options.pop("config", None)
         if config is not None and not isinstance(config, QuartetConfig):
             raise TypeError(f"options['config'] must be a QuartetConfig, got {type(config)}")
-        valid = {f.name for f in dataclasses.fields(cls)}
+        valid = set(cls.option_names())
         unknown = sorted(set(options) - valid)
         if unknown:
             raise ValueError(
                 f"unknown quartet2 option(s) {unknown}; valid options are {sorted(valid)} "
-                f"(or config=QuartetConfig(...))"
+                "(or config=QuartetConfig(...)); torch._inductor.config keys go to Inductor"
             )
         base = config or cls()
         return dataclasses.replace(base, **options)
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The keys from_options accepts besides ``config``."""
+        return tuple(f.name for f in dataclasses.fields(cls))
 
     def cache_key(self) -> str:
         """Stable text for Inductor's cache key (CustomGraphPass.uuid)."""
