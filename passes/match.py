@@ -12,7 +12,7 @@ parameter or an activation feeds several linears.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -113,15 +113,18 @@ def resolve(node: fx.Node) -> Operand:
     return Operand(node, root, labels)
 
 
+def dotted(path: str) -> str:
+    """Dynamo's source path (``L['self']._modules['fc1']._parameters['weight']`` or
+    ``L['self'].layers.0.fc1``) as a dotted name (``fc1.weight``, ``layers.0.fc1``)."""
+    path = re.sub(r"^L\['[^']*'\]", "", path)
+    path = re.sub(r"\._(?:modules|parameters|buffers)\[(['\"])(.*?)\1\]", r".\2", path)
+    return re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
+
+
 def module_name(node: fx.Node) -> str:
-    """Dotted module path from Dynamo's nn_module_stack ("" when the node has none)."""
+    """Dotted path of the module that ran ``node`` ("" when Dynamo recorded none)."""
     stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
-    path = re.sub(r"\._modules\['([^']*)'\]|\[['\"]?([^\]'\"]*)['\"]?\]", r".\1\2", path)
-    return path.lstrip(".")
+    return dotted(list(stack.values())[-1][0]) if stack else ""
 
 
 @dataclass
@@ -147,6 +150,7 @@ class Linear:
     forward: fx.Node
     x: fx.Node
     weight: fx.Node
+    weight_name: str
     weight_transposed: bool  # the parameter is stored [K, N] (``x @ W``), not [N, K]
     bias: fx.Node | None
     x_root: fx.Node
@@ -195,13 +199,15 @@ def _is_tangent(node: fx.Node) -> bool:
     return node.name.startswith("tangents")
 
 
-def find_matmuls(graph: fx.Graph, param_indices: Collection[int]) -> Matches:
-    """Classify every matmul of ``graph``; ``param_indices`` are the Dynamo graph inputs that
-    are nn.Parameters (frozen ones included)."""
+def find_matmuls(graph: fx.Graph, params: Mapping[int, str]) -> Matches:
+    """Classify every matmul of ``graph``; ``params`` maps the indices of the Dynamo graph's
+    inputs that are nn.Parameters (frozen ones included) to their names."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     tangents = {n for n in placeholders if _is_tangent(n)}
     primals = [n for n in placeholders if n not in tangents]
-    weights = {n for i, n in enumerate(primals) if _input_index(n, i) in param_indices}
+    weights = {
+        n: params[_input_index(n, i)] for i, n in enumerate(primals) if _input_index(n, i) in params
+    }
     from_tangents = set(tangents)
     for node in graph.nodes:
         if any(a in from_tangents for a in node.all_input_nodes):
@@ -231,7 +237,7 @@ def _operands(node: fx.Node) -> tuple[fx.Node, fx.Node]:
     return (node.args[1], node.args[2]) if node.target is aten.addmm.default else node.args[:2]
 
 
-def _forward_linear(node: fx.Node, weights: set[fx.Node]) -> Linear | str:
+def _forward_linear(node: fx.Node, weights: Mapping[fx.Node, str]) -> Linear | str:
     """A Linear when ``node`` is x @ (W or W.T) with W a parameter, else why not."""
     p, q = (resolve(a) for a in _operands(node))
     p_weight, q_weight = p.root in weights, q.root in weights
@@ -247,10 +253,11 @@ def _forward_linear(node: fx.Node, weights: set[fx.Node]) -> Linear | str:
         return "batched matmul with batch > 1"
     bias = node.args[0] if node.target is aten.addmm.default else None
     return Linear(
-        name=module_name(node),
+        name=module_name(node) or weights[q.root].rpartition(".")[0],
         forward=node,
         x=p.node,
         weight=q.root,
+        weight_name=weights[q.root],
         weight_transposed=q.matrix == (0, 1),
         bias=bias,
         x_root=p.root,
@@ -289,8 +296,8 @@ def _assign_backward(node: fx.Node, linears: list[Linear], from_tangents: set[fx
     return False
 
 
-def _backward_reason(node: fx.Node, weights: set[fx.Node]) -> str:
+def _backward_reason(node: fx.Node, weights: Mapping[fx.Node, str]) -> str:
     roots = {resolve(a).root for a in node.args[:2]}
-    if roots & weights:
+    if roots & weights.keys():
         return "backward of a matmul that is not a handled linear"
     return "activation x activation (backward)"

@@ -20,6 +20,7 @@ class LinearReport:
     """One linear layer: ``x[T, K] @ W[N, K].T``; per role "nvfp4" or why it stayed as it was."""
 
     module: str
+    weight: str
     t: int | str
     k: int | str
     n: int | str
@@ -33,11 +34,17 @@ class LinearReport:
         return sum(getattr(self, role) == REWRITTEN for role in ROLES)
 
     def __str__(self) -> str:
+        weight = "W" if self.weight == f"{self.module}.weight" else self.weight
         head = (
-            f"{self.module or '<root>'}: x[{self.t}, {self.k}] @ W[{self.n}, {self.k}].T"
+            f"{self.module or '<root>'}: x[{self.t}, {self.k}] @ {weight}[{self.n}, {self.k}].T"
             f"{' + bias' if self.bias else ''} ({self.dtype})"
         )
-        roles = "; ".join(f"{r.replace('_', '-')}: {getattr(self, r)}" for r in ROLES)
+        statuses = [getattr(self, role) for role in ROLES]
+        if len(set(statuses)) == 1:
+            return f"{head}\n    all: {statuses[0]}"
+        roles = "; ".join(
+            f"{r.replace('_', '-')}: {s}" for r, s in zip(ROLES, statuses, strict=True)
+        )
         return f"{head}\n    {roles}"
 
 

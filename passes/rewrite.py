@@ -17,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import operator
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -49,9 +49,9 @@ _NOT_INHERITED = ("val", "tensor_meta", "original_aten", "from_node")
 _SEED_HIGH = 2**31 - 1
 
 
-def rewrite(graph: fx.Graph, config: QuartetConfig, param_indices: Collection[int]) -> GraphReport:
+def rewrite(graph: fx.Graph, config: QuartetConfig, params: Mapping[int, str]) -> GraphReport:
     """Rewrite ``graph`` in place; never raises for a matmul it cannot handle."""
-    matches = find_matmuls(graph, param_indices)
+    matches = find_matmuls(graph, params)
     report = GraphReport(kind="joint (training)" if matches.joint else "forward (inference)")
     emitter = _Emitter(graph)
     quantized_weights: dict[fx.Node, tuple[fx.Node, ...]] = {}
@@ -119,6 +119,7 @@ def _describe(lin: Linear, matches: Matches, config: QuartetConfig) -> LinearRep
     t, k, n = lin.dims
     entry = LinearReport(
         module=lin.name,
+        weight=lin.weight_name,
         t=str(t),
         k=str(k),
         n=str(n),

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
@@ -42,18 +43,18 @@ class QuartetPass(CustomGraphPass):
     def __init__(
         self,
         config: QuartetConfig,
-        param_indices: Sequence[int],
+        params: dict[int, str],
         on_report: Callable[[GraphReport], None],
     ) -> None:
         self.config = config
-        self.param_indices = frozenset(param_indices)
+        self.params = params
         self.on_report = on_report
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        self.on_report(rewrite.rewrite(graph, self.config, self.param_indices))
+        self.on_report(rewrite.rewrite(graph, self.config, self.params))
 
     def uuid(self) -> bytes:
-        extra = f"{self.config.cache_key()}|{sorted(self.param_indices)}"
+        extra = f"{self.config.cache_key()}|{sorted(self.params.items())}"
         return get_hash_for_files(_SOURCES, extra)
 
 
@@ -69,10 +70,42 @@ def compile_graph(
     config_patches: dict[str, Any] | None = None,
 ) -> Callable[..., Any]:
     """Compile a Dynamo graph with Inductor and the quartet2 pass on its AOTAutograd graphs."""
-    param_indices = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
-    quartet_pass = QuartetPass(config, param_indices, on_report)
-    patches = {**(config_patches or {}), "joint_custom_pre_pass": quartet_pass}
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params = {
+        i: _source_name(node)
+        for i, (node, x) in enumerate(zip(placeholders, example_inputs, strict=True))
+        if isinstance(x, torch.nn.Parameter)
+    }
+    reports: list[GraphReport] = []
+
+    def record(graph_report: GraphReport) -> None:
+        reports.append(graph_report)
+        on_report(graph_report)
+
+    patches = {
+        **(config_patches or {}),
+        "joint_custom_pre_pass": QuartetPass(config, params, record),
+    }
+    inner = {} if config.inductor else {"inner_compile": _run_eagerly}
+    compiled = compile_fx(gm, example_inputs, config_patches=patches, **inner)
+    if not reports:
+        log.info(
+            "quartet2: a graph was loaded from Inductor's cache, so its report was not redone "
+            "(options={'force_disable_caches': True} shows it)"
+        )
+    return compiled
+
+
+def _run_eagerly(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Any:
+    """Inductor's inner compiler replaced by the graph itself (AOTAutograd's boxed calling)."""
+    return make_boxed_func(gm.forward)
+
+
+def _source_name(node: torch.fx.Node) -> str:
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    return (
+        match.dotted(source.name) if isinstance(getattr(source, "name", None), str) else node.name
+    )
 
 
 def quartet2(

@@ -20,6 +20,8 @@ class QuartetConfig:
         whose linears stay in high precision; by default the output projection.
     forward / backward: which matmuls to rewrite.
     min_dim: K and N below this stay in high precision (tiny layers gain nothing).
+    inductor: False runs the rewritten AOTAutograd graphs eagerly instead of generating code
+        (like backend="aot_eager"): to debug the pass apart from Inductor, and for fast CPU tests.
     """
 
     four_over_six: bool = True
@@ -28,6 +30,7 @@ class QuartetConfig:
     forward: bool = True
     backward: bool = True
     min_dim: int = 128
+    inductor: bool = True
 
     def __post_init__(self) -> None:
         if self.backward_method not in BACKWARD_METHODS:
