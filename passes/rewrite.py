@@ -29,7 +29,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from quartet_compile import ops  # noqa: F401  (registers torch.ops.quartet2)
 from quartet_compile.config import QuartetConfig
 from quartet_compile.nvfp4 import HADAMARD_BLOCK
-from quartet_compile.passes.match import Linear, Matches, find_matmuls, shape_of
+from quartet_compile.passes.match import Labels, Linear, Matches, find_matmuls, resolve, shape_of
 from quartet_compile.passes.report import (
     REWRITTEN,
     GraphReport,
@@ -41,7 +41,9 @@ from quartet_compile.passes.report import (
 log = logging.getLogger("quartet_compile")
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 q2 = torch.ops.quartet2
+Triple = tuple[fx.Node, fx.Node, fx.Node]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Meta that describes where a node comes from (module, autograd seq_nr, forward/backward side,
 # checkpoint tags): the replacement inherits it from the node it replaces.
@@ -54,7 +56,9 @@ def rewrite(graph: fx.Graph, config: QuartetConfig, params: Mapping[int, str]) -
     matches = find_matmuls(graph, params)
     report = GraphReport(kind="joint (training)" if matches.joint else "forward (inference)")
     emitter = _Emitter(graph)
-    quantized_weights: dict[fx.Node, tuple[fx.Node, ...]] = {}
+    # One forward quantization per tensor, shared by the linears that read it (q/k/v read the
+    # same x; a tied or reused weight feeds several linears).
+    quantized: dict[tuple[fx.Node, Labels, torch.dtype], Triple] = {}
     for lin in matches.linears:
         entry = _describe(lin, matches, config)
         report.linears.append(entry)
@@ -63,8 +67,10 @@ def rewrite(graph: fx.Graph, config: QuartetConfig, params: Mapping[int, str]) -
         ):
             continue
         try:
-            _rewrite_linear(lin, entry, config, emitter, quantized_weights)
+            _rewrite_linear(lin, entry, config, emitter, quantized)
         except Exception as exc:  # noqa: BLE001  (the pass must never fail a compile)
+            for key in [k for k, triple in quantized.items() if triple[0] in emitter.created]:
+                del quantized[key]
             emitter.rollback()
             reason = f"rewrite failed ({type(exc).__name__}: {exc})"
             log.warning("quartet2: %s left as it was: %s", lin.name, reason, exc_info=True)
@@ -205,7 +211,7 @@ def _rewrite_linear(
     entry: LinearReport,
     config: QuartetConfig,
     emit: _Emitter,
-    quantized_weights: dict[fx.Node, tuple[fx.Node, ...]],
+    quantized: dict[tuple[fx.Node, Labels, torch.dtype], Triple],
 ) -> None:
     fwd = lin.forward
     out_dtype = fwd.meta["val"].dtype
@@ -216,20 +222,21 @@ def _rewrite_linear(
         else lin.weight
     )
 
-    def quantized(anchor: fx.Node, t: fx.Node) -> tuple[fx.Node, ...]:
-        amax = emit.call(anchor, aten.amax.default, emit.call(anchor, aten.abs.default, t), [])
-        if amax.meta["val"].dtype != torch.float32:
-            amax = emit.call(
-                anchor, torch.ops.prims.convert_element_type.default, amax, torch.float32
+    def quantize(t: fx.Node) -> Triple:
+        source = resolve(t)
+        key = (source.root, source.labels, t.meta["val"].dtype)
+        if key not in quantized:
+            amax = emit.call(fwd, aten.amax.default, emit.call(fwd, aten.abs.default, t), [])
+            if amax.meta["val"].dtype != torch.float32:
+                amax = emit.call(fwd, prims.convert_element_type.default, amax, torch.float32)
+            quantized[key] = emit.triple(
+                fwd, q2.quantize_fwd.default, t, amax, config.four_over_six
             )
-        return emit.triple(anchor, q2.quantize_fwd.default, t, amax, config.four_over_six)
+        return quantized[key]
 
     xq = wq = None
     if entry.forward == REWRITTEN:
-        xq = quantized(fwd, x2d)
-        if lin.weight not in quantized_weights:
-            quantized_weights[lin.weight] = quantized(fwd, w_nk)
-        wq = quantized_weights[lin.weight]
+        xq, wq = quantize(x2d), quantize(w_nk)
         out = emit.call(fwd, q2.gemm.default, *xq, *wq, out_dtype)
         if lin.bias is not None:
             out = emit.call(fwd, aten.add.Tensor, out, lin.bias)
