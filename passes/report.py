@@ -34,7 +34,8 @@ class LinearReport:
         return sum(getattr(self, role) == REWRITTEN for role in ROLES)
 
     def __str__(self) -> str:
-        weight = "W" if self.weight == f"{self.module}.weight" else self.weight
+        own = ".".join(filter(None, (self.module, "weight")))
+        weight = "W" if self.weight == own else self.weight
         head = (
             f"{self.module or '<root>'}: x[{self.t}, {self.k}] @ {weight}[{self.n}, {self.k}].T"
             f"{' + bias' if self.bias else ''} ({self.dtype})"

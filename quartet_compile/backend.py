@@ -108,6 +108,16 @@ def _source_name(node: torch.fx.Node) -> str:
     )
 
 
+def _is_inductor(key: str) -> bool:
+    """Whether ``key`` names an Inductor config entry (dotted for nested ones)."""
+    return key in torch._inductor.config._config
+
+
+def _is_inductor(key: str) -> bool:
+    """Whether ``key`` names an Inductor config entry (dotted for nested ones)."""
+    return key in torch._inductor.config._config
+
+
 def quartet2(
     gm: torch.fx.GraphModule,
     example_inputs: list[Any],
@@ -121,13 +131,14 @@ def quartet2(
     among them, and ``mode`` (e.g. "max-autotune"), go to Inductor. Unknown keys raise.
     """
     options = {**(options or {}), **kwargs}
-    inductor_keys = set(torch._inductor.config.get_config_copy()) - set(
-        QuartetConfig.option_names()
-    )
-    inductor_options = {k: v for k, v in options.items() if k in inductor_keys}
+    inductor_options = {
+        k: v
+        for k, v in options.items()
+        if k not in QuartetConfig.option_names() and _is_inductor(k)
+    }
     if mode is not None:
         inductor_options = {**torch._inductor.list_mode_options(mode), **inductor_options}
     config = QuartetConfig.from_options(
-        {k: v for k, v in options.items() if k not in inductor_keys}
+        {k: v for k, v in options.items() if k not in inductor_options}
     )
     return compile_graph(gm, example_inputs, config, config_patches=inductor_options)
