@@ -27,6 +27,11 @@ FWD_SCALE_MAX = 256.0
 EDEN_RHO = (17.0 / 16.0) * 0.93
 EDEN_FP4_MAX = E2M1_MAX / EDEN_RHO
 EDEN_FP8_MAX = 256.0
+# Per-element divisions by constants are written as products with float32 reciprocals: torch
+# divides by a Python scalar exactly on CPU but through its reciprocal on CUDA (Inductor too), so
+# only the product form gives one bit pattern on every device and in the kernels. (The 0-d tensor
+# scale keeps its division: kernels compute it with this module's torch code on their device.)
+INV_SQRT_BLOCK = 1.0 / math.sqrt(HADAMARD_BLOCK)
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Midpoints between neighbouring magnitudes, and whether a tie there rounds up: ties go to the
@@ -134,6 +139,13 @@ def e4m3_floor_and_ulp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.floor(x / ulp) * ulp, ulp
 
 
+def e4m3_ceil(x: torch.Tensor) -> torch.Tensor:
+    """Smallest E4M3 value >= x, for x in [0, 448]."""
+    x = x.clamp(0, E4M3_MAX)
+    lo, ulp = e4m3_floor_and_ulp(x)
+    return torch.where(lo < x, lo + ulp, lo).to(torch.float8_e4m3fn)
+
+
 def e4m3_stochastic(x: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Stochastic rounding of x in [0, 448] to E4M3: E[result] == x.
 
@@ -198,11 +210,22 @@ def seeded_uniform(seed: torch.Tensor, shape: torch.Size, device: torch.device) 
 
 
 def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """value = e2m1 * e4m3_scale * tensor_scale, computed in float32."""
+    """value = e2m1 * (e4m3_scale * tensor_scale), computed in float32."""
     rows = q.codes.shape[0]
     elems = e2m1_decode(unpack_nibbles(q.codes)).view(rows, -1, GROUP)
-    scales = q.scales.to(torch.float32).unsqueeze(-1)
-    return (elems * scales * q.tensor_scale.to(torch.float32)).view(rows, -1).to(dtype)
+    real_scales = q.scales.to(torch.float32).unsqueeze(-1) * q.tensor_scale.to(torch.float32)
+    return (elems * real_scales).view(rows, -1).to(dtype)
+
+
+def pairwise_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim (a power of two) in a fixed pairwise order, keeping the dim.
+
+    The kernels reduce with the same tree, so their float32 sums agree with these bit-for-bit
+    (torch's own .sum() order differs between devices, and from Triton's).
+    """
+    while t.shape[-1] > 1:
+        t = t[..., 0::2] + t[..., 1::2]
+    return t
 
 
 def _groups(x: torch.Tensor) -> torch.Tensor:
@@ -226,11 +249,11 @@ def _pack(codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor)
 # --------------------------------------------------------------------------------------------
 
 
-def _rtn_candidate(
+def rtn_candidate(
     g: torch.Tensor, gmax: torch.Tensor, ts: torch.Tensor, target: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes, E4M3 scales and squared error of one scale choice (group max lands on target)."""
-    scale = e4m3_rne(gmax / target / ts)
+    scale = e4m3_rne(gmax * (1.0 / target) / ts)
     real = scale.to(torch.float32) * ts
     u = torch.where(real > 0, g / real, torch.zeros_like(g))
     codes = e2m1_encode(u)
@@ -253,9 +276,9 @@ def quantize_rtn(
         amax = g.abs().amax()
     ts = _safe_tensor_scale(amax, E2M1_MAX * (FWD_SCALE_MAX if four_over_six else E4M3_MAX))
     gmax = g.abs().amax(-1, keepdim=True)
-    codes, scale, err = _rtn_candidate(g, gmax, ts, 6.0)
+    codes, scale, err = rtn_candidate(g, gmax, ts, 6.0)
     if four_over_six:
-        codes4, scale4, err4 = _rtn_candidate(g, gmax, ts, 4.0)
+        codes4, scale4, err4 = rtn_candidate(g, gmax, ts, 4.0)
         pick4 = err4 < err
         codes = torch.where(pick4, codes4, codes)
         scale = torch.where(pick4, scale4.to(torch.float32), scale.to(torch.float32))
@@ -292,22 +315,29 @@ def pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """x · R on consecutive 128-blocks of the last dim, R = H_128 · diag(signs) / sqrt(128)."""
+    """Randomized Hadamard rotation of consecutive 128-blocks of the last dim.
+
+    Each block b becomes R·b with R = H_128 · diag(signs) / sqrt(128): signs first, then the
+    Hadamard mix (in row form, b · diag(signs) · H / sqrt(128); H is symmetric). The order
+    matters: with the signs applied after H they would commute out of any sign-symmetric
+    quantizer and the rotation would no longer randomize anything.
+    """
     _check_signs(signs)
     check_2d_multiple(x, HADAMARD_BLOCK)
     h = hadamard_matrix(HADAMARD_BLOCK, x.device)
     blocks = x.to(torch.float32).reshape(x.shape[0], -1, HADAMARD_BLOCK)
-    rotated = (blocks @ h) * (signs.to(torch.float32) / math.sqrt(HADAMARD_BLOCK))
+    rotated = (blocks * signs.to(torch.float32)) @ h * INV_SQRT_BLOCK
     return rotated.reshape(x.shape)
 
 
 def unrotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """x · R^T: undoes rotate()."""
+    """Inverse of rotate(): R^T on each block."""
     _check_signs(signs)
+    check_2d_multiple(x, HADAMARD_BLOCK)
     h = hadamard_matrix(HADAMARD_BLOCK, x.device)
     blocks = x.to(torch.float32).reshape(x.shape[0], -1, HADAMARD_BLOCK)
-    blocks = blocks * (signs.to(torch.float32) / math.sqrt(HADAMARD_BLOCK))
-    return (blocks @ h.T).reshape(x.shape)
+    restored = (blocks @ h * INV_SQRT_BLOCK) * signs.to(torch.float32)
+    return restored.reshape(x.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,41 +345,50 @@ def unrotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def ms_eden(v: torch.Tensor, uniform: torch.Tensor) -> NVFP4Tensor:
-    """MS-EDEN of already rotated values ``v`` [rows, cols]; ``uniform`` [rows, cols/16] in [0,1).
+def eden_codes_and_scales(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN codes of each 16-group at scale max|g| / fp4_max, and the EDEN-corrected real scales.
 
-    RTN codes at scale max|g| / fp4_max, the EDEN correction k = <u,u>/<u,c> folded into the group
-    scale, then post-hoc range alignment: tensor scale = max corrected scale / 256 and each E4M3
-    scale stochastically rounded, so E[stored * tensor_scale] equals the corrected scale.
+    The correction k = <u,u>/<u,c> makes <v_g, S_g * c> == |v_g|^2 (the EDEN identity). Returns
+    codes [rows, groups, 16] (uint8, unpacked) and scales S [rows, groups, 1] (float32).
     """
-    check_floating(v, "v")
-    check_2d_multiple(v, GROUP, "v")
     g = _groups(v)
-    gmax = g.abs().amax(-1, keepdim=True)
-    s = gmax / EDEN_FP4_MAX
+    s = g.abs().amax(-1, keepdim=True) * (1.0 / EDEN_FP4_MAX)
     u = torch.where(s > 0, g / s, torch.zeros_like(g))
     codes = e2m1_encode(u)
     c = e2m1_decode(codes)
-    uc = (u * c).sum(-1, keepdim=True)
-    k = torch.where(uc != 0, (u * u).sum(-1, keepdim=True) / uc, torch.ones_like(uc))
-    corrected = s * k
+    uc = pairwise_sum(u * c)
+    k = torch.where(uc != 0, pairwise_sum(u * u) / uc, torch.ones_like(uc))
+    return codes, s * k
+
+
+def ms_eden(v: torch.Tensor, uniform: torch.Tensor) -> NVFP4Tensor:
+    """MS-EDEN of already rotated values ``v`` [rows, cols]; ``uniform`` [rows, cols/16] in [0,1).
+
+    EDEN codes and corrected scales, then post-hoc range alignment: tensor scale = max corrected
+    scale / 256 and each E4M3 scale stochastically rounded, so E[stored * tensor_scale] equals
+    the corrected scale.
+    """
+    check_floating(v, "v")
+    check_2d_multiple(v, GROUP, "v")
+    codes, corrected = eden_codes_and_scales(v)
     ts = _safe_tensor_scale(corrected.amax(), EDEN_FP8_MAX)
     stored = e4m3_stochastic(corrected / ts, uniform.unsqueeze(-1))
-    stored = torch.where(gmax == 0, 1.0, stored.to(torch.float32)).to(torch.float8_e4m3fn)
+    stored = torch.where(corrected == 0, 1.0, stored.to(torch.float32)).to(torch.float8_e4m3fn)
     return _pack(codes, stored.squeeze(-1), ts)
 
 
 def sr_quantize(v: torch.Tensor, uniform: torch.Tensor) -> NVFP4Tensor:
-    """Baseline: element-wise stochastic rounding to E2M1 with RTN E4M3 scales (max on 6).
+    """Baseline: element-wise stochastic rounding to E2M1 with per-group E4M3 scales (max on 6).
 
-    ``uniform`` has v's shape: one draw per element.
+    ``uniform`` has v's shape: one draw per element. The group scale is rounded up to E4M3 rather
+    than to nearest: a scale rounded down would clip the group maximum above 6 and bias SR.
     """
     check_floating(v, "v")
     check_2d_multiple(v, GROUP, "v")
     g = _groups(v)
     ts = _safe_tensor_scale(g.abs().amax(), E2M1_MAX * E4M3_MAX)
     gmax = g.abs().amax(-1, keepdim=True)
-    scale = e4m3_rne(gmax / E2M1_MAX / ts)
+    scale = e4m3_ceil(gmax * (1.0 / E2M1_MAX) / ts)
     real = scale.to(torch.float32) * ts
     u = torch.where(real > 0, g / real, torch.zeros_like(g)).clamp(-E2M1_MAX, E2M1_MAX)
     table = torch.tensor(E2M1_VALUES, device=v.device)
@@ -413,3 +452,29 @@ def gemm(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype: torch.dtype = torch.bfloat16
     if a.codes.shape[1] != b.codes.shape[1]:
         raise ValueError(f"reduction dims differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     return (dequantize(a) @ dequantize(b).T).to(out_dtype)
+
+
+ROUNDTRIP_METHODS = ("rtn", "four_over_six", "sr", "eden")
+
+
+def roundtrip(
+    x: torch.Tensor, method: str, generator: torch.Generator, rotated: bool = True
+) -> torch.Tensor:
+    """R^T deq(Q(x R)) for one draw of signs and rounding noise: what a GEMM operand becomes.
+
+    Compares quantizers on equal terms (tests and benchmarks/quant_error.py). ``rotated=False``
+    skips the rotation; ``method`` is one of ROUNDTRIP_METHODS.
+    """
+    if method not in ROUNDTRIP_METHODS:
+        raise ValueError(f"method must be one of {ROUNDTRIP_METHODS}, got {method!r}")
+    signs = random_signs(generator, x.device)
+    v = rotate(x, signs) if rotated else x.to(torch.float32)
+    if method == "eden":
+        draws = torch.rand(v.shape[0], v.shape[1] // GROUP, generator=generator)
+        t = ms_eden(v, draws.to(v.device))
+    elif method == "sr":
+        t = sr_quantize(v, torch.rand(v.shape, generator=generator).to(v.device))
+    else:
+        t = quantize_rtn(v, four_over_six=method == "four_over_six")
+    d = t.dequantize()
+    return unrotate(d, signs) if rotated else d

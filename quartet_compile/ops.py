@@ -1,9 +1,10 @@
 """The ``quartet2::*`` operators: the only doorway between graphs and kernels.
 
 Each op is a ``torch.library.triton_op``: Inductor traces into its body, so on CUDA the Triton
-kernels land in Inductor's output code and on CPU the reference PyTorch body (from nvfp4.py) is
-compiled to C++. Every op takes and returns plain tensors (NVFP4 triples are flattened to
-``codes, scales, tensor_scale``), has an exact fake implementation and no host synchronisation.
+kernels of ``quartet_compile.kernels`` (launched through ``wrap_triton``) land in Inductor's
+output code, and on CPU the reference PyTorch body (from nvfp4.py) is compiled to C++. Every op
+takes and returns plain tensors (NVFP4 triples are flattened to ``codes, scales, tensor_scale``),
+has an exact fake implementation and no host synchronisation.
 
 Ops (all 2-D, quantization groups along the last dim of every output triple):
 - ``quantize_fwd(x[R,C], amax[], four_over_six)``: RTN (+ four-over-six) forward operand.
@@ -20,6 +21,9 @@ import torch
 from torch.library import triton_op
 
 from quartet_compile import nvfp4
+from quartet_compile.kernels import gemm as gemm_kernels
+from quartet_compile.kernels import quantize as quantize_kernels
+from quartet_compile.kernels import rht_eden as rht_eden_kernels
 
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -66,6 +70,8 @@ def _rotation_inputs_check(signs: torch.Tensor, seed: torch.Tensor) -> None:
 def quantize_fwd(x: torch.Tensor, amax: torch.Tensor, four_over_six: bool) -> Triple:
     nvfp4.check_floating(x)
     nvfp4.check_2d_multiple(x, nvfp4.GROUP)
+    if x.is_cuda:
+        return quantize_kernels.quantize_rtn(x, amax, four_over_six)
     return tuple(nvfp4.quantize_rtn(x, four_over_six, amax))
 
 
@@ -85,6 +91,8 @@ def rht_eden(
     x: torch.Tensor, signs: torch.Tensor, seed: torch.Tensor, transpose: bool, method: str
 ) -> Triple:
     _rotation_inputs_check(signs, seed)
+    if x.is_cuda:
+        return rht_eden_kernels.rht_quantize(x, signs, seed, transpose, method)
     return tuple(nvfp4.rht_quantize(x, signs, seed, transpose, method))
 
 
@@ -110,6 +118,8 @@ def requant(
 ) -> Triple:
     _check_triple(codes, scales, tensor_scale)
     _rotation_inputs_check(signs, seed)
+    if codes.is_cuda:
+        return rht_eden_kernels.requant(codes, scales, tensor_scale, signs, seed, method)
     return tuple(nvfp4.requant(nvfp4.NVFP4Tensor(codes, scales, tensor_scale), signs, seed, method))
 
 
@@ -135,6 +145,10 @@ def gemm(
 ) -> torch.Tensor:
     _check_triple(a_codes, a_scales, a_tensor_scale)
     _check_triple(b_codes, b_scales, b_tensor_scale)
+    if a_codes.is_cuda:
+        return gemm_kernels.gemm(
+            a_codes, a_scales, a_tensor_scale, b_codes, b_scales, b_tensor_scale, out_dtype
+        )
     a = nvfp4.NVFP4Tensor(a_codes, a_scales, a_tensor_scale)
     b = nvfp4.NVFP4Tensor(b_codes, b_scales, b_tensor_scale)
     return nvfp4.gemm(a, b, out_dtype)

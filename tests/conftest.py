@@ -1,7 +1,25 @@
-"""Each test compiles from a clean Dynamo state, so recompile limits and counters are per test."""
+"""Shared pytest set-up: ``gpu`` tests run only where CUDA is present; every test compiles from
+a clean Dynamo state, so recompile limits and compile counters are per test."""
+
+import os
 
 import pytest
 import torch
+
+# Without CUDA the Triton kernels run under Triton's interpreter (tests/test_kernels.py).
+# triton.jit reads the switch when a kernel is defined, so it is set before any test module
+# imports quartet_compile.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run the gpu suite on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

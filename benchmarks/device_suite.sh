@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device call that installs the project, runs the GPU test suite and the GPU benchmarks.
+# Usage on the device machine (from the repo root, with .whl carried for expecttest):
+#   bash benchmarks/device_suite.sh [tests|kernels|linear|model|train ...]   (default: all)
+# Logs and RESULTS.md land in $OUT (or ./device-out when OUT is unset).
+set -uo pipefail
+out="${OUT:-device-out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || {
+    cat "$out/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests kernels linear)
+for step in "${steps[@]}"; do
+    echo "=== $step"
+    case "$step" in
+        tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log" | tail -25 ;;
+        kernels) python3 benchmarks/kernels.py 2>&1 | tee "$out/kernels.log" | tail -40 ;;
+        linear) python3 benchmarks/linear.py 2>&1 | tee "$out/linear.log" | tail -40 ;;
+        model) python3 benchmarks/model.py 2>&1 | tee "$out/model.log" | tail -30 ;;
+        train) python3 benchmarks/train_compare.py 2>&1 | tee "$out/train.log" | tail -30 ;;
+        *) echo "unknown step $step" ;;
+    esac
+done
+cp benchmarks/RESULTS.md "$out/" 2>/dev/null
+[ -f docs/loss_curves.png ] && cp docs/loss_curves.png "$out/"
+exit 0

@@ -1,0 +1,111 @@
+"""Throughput of the quartet2 kernels on the GPU; writes "## Kernels" in benchmarks/RESULTS.md.
+
+Quantizers: achieved GB/s (fewest bytes: input read once, codes + scales written once) next to
+the device's measured copy bandwidth (bytes read + written by a 1 GiB device-to-device copy).
+GEMM: TFLOP/s (2*M*N*K) of both NVFP4 designs, dequantization included, next to torch.mm in
+BF16 (cuBLAS). Every figure is the median of triton.testing.do_bench_cudagraph on random data;
+the ops run in CUDA graphs, so their few small torch launches (tensor scale, partial maxima)
+cost device time only, as they do inside a compiled graph. Capturing also proves the ops make
+no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.testing import do_bench_cudagraph
+
+from quartet_compile import nvfp4 as q
+from quartet_compile import ops  # noqa: F401  (registers the ops)
+from quartet_compile.kernels import gemm
+from results import markdown_table, write_section
+
+OPS = torch.ops.quartet2
+QUANT_SHAPES = [(16384, 4096), (16384, 14336)]
+GEMM_SIZES = [(4096, 4096, 4096), (8192, 8192, 8192), (16384, 16384, 16384), (16384, 14336, 4096)]
+
+
+def median_ms(fn) -> float:
+    return do_bench_cudagraph(fn, rep=200, return_mode="median")
+
+
+def copy_gbps() -> float:
+    src = torch.randn(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / median_ms(lambda: dst.copy_(src)) / 1e6
+
+
+def quantizer_cases(t: int, k: int):
+    """(name, callable, fewest bytes moved) for one activation-sized input [t, k]."""
+    x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+    amax = x.float().abs().amax()
+    signs = q.random_signs(device="cuda")
+    seed = torch.tensor(1234, device="cuda")
+    xq = OPS.quantize_fwd(x, amax, True)
+    out = t * k // 2 + t * k // 16  # codes + scales of one NVFP4 tensor of t*k elements
+    yield "quantize_fwd (amax given)", lambda: OPS.quantize_fwd(x, amax, True), x.nbytes + out
+    yield (
+        "amax + quantize_fwd",
+        lambda: OPS.quantize_fwd(x, x.abs().amax(), True),
+        x.nbytes + out,
+    )
+    for transpose in (False, True):
+        name = f"rht_eden eden{' transposed' if transpose else ''}"
+        yield name, lambda tr=transpose: OPS.rht_eden(x, signs, seed, tr, "eden"), x.nbytes + out
+    yield "rht_eden sr transposed", lambda: OPS.rht_eden(x, signs, seed, True, "sr"), x.nbytes + out
+    yield "requant eden", lambda: OPS.requant(*xq, signs, seed, "eden"), 2 * out
+
+
+def gemm_row(m: int, n: int, k: int) -> list[str]:
+    a = OPS.quantize_fwd(*_operand(m, k))
+    b = OPS.quantize_fwd(*_operand(n, k))
+    x, w = (torch.randn(s, k, device="cuda", dtype=torch.bfloat16) for s in (m, n))
+    flops = 2 * m * n * k
+    bf16 = flops / median_ms(lambda: torch.mm(x, w.T)) / 1e9
+    row = [f"{m}x{n}x{k}", f"{bf16:.0f}"]
+    for design in ("cublas", "fused"):
+        tflops = flops / median_ms(lambda d=design: gemm.gemm(*a, *b, torch.bfloat16, d)) / 1e9
+        row += [f"{tflops:.0f} ({100 * tflops / bf16:.0f}%)"]
+    deq_ms = median_ms(lambda: (gemm.dequantize_units(*a[:2]), gemm.dequantize_units(*b[:2])))
+    return row + [f"{1000 * deq_ms:.0f}"]
+
+
+def _operand(rows: int, k: int):
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    return x, x.float().abs().amax(), True
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name()
+    copy = copy_gbps()
+    quant_rows = []
+    for t, k in QUANT_SHAPES:
+        for kernel, fn, nbytes in quantizer_cases(t, k):
+            ms = median_ms(fn)
+            gbps = nbytes / ms / 1e6
+            quant_rows.append(
+                [kernel, f"{t}x{k}", f"{1000 * ms:.0f}", f"{gbps:.0f}", f"{100 * gbps / copy:.0f}%"]
+            )
+            print(quant_rows[-1], flush=True)
+    gemm_rows = []
+    for size in GEMM_SIZES:
+        gemm_rows.append(gemm_row(*size))
+        print(gemm_rows[-1], flush=True)
+    body = "\n\n".join(
+        [
+            f"{name}, torch {torch.__version__}; medians of CUDA-graph replays, random inputs. "
+            f"Device copy bandwidth (read + write): **{copy:.0f} GB/s**.",
+            markdown_table(["op", "shape", "us", "GB/s", "% of copy"], quant_rows),
+            f"NVFP4 GEMM (bf16 output; dequantization included; op design: `{gemm.DESIGN}`), "
+            "TFLOP/s and % of torch.mm BF16:",
+            markdown_table(
+                ["MxNxK", "torch.mm bf16", "cublas design", "fused design", "dequant us"], gemm_rows
+            ),
+        ]
+    )
+    print(body)
+    write_section("Kernels", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""One linear layer's forward+backward: torch.compile BF16 (Inductor) vs backend="quartet2".
+
+Run on the GPU: median device-event time after warm-up, TFLOP/s (6*T*K*N per fwd+bwd), peak
+memory, compile time, and a torch.profiler breakdown of quartet2's kernels. Writes the table to
+benchmarks/RESULTS.md ("Linear layer") with the headline line
+``linear fwd+bwd quartet2/bf16 (T=16384, K=4096, N=4096): X.XXx on <GPU>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from triton.testing import do_bench
+
+from results import markdown_table, write_section
+
+SHAPES = [(16384, 4096, 4096), (16384, 4096, 14336), (16384, 14336, 4096), (4096, 2048, 2048)]
+
+
+def make_step(backend: str, t: int, k: int, n: int, device: str):
+    """A compiled fwd+bwd closure on fresh random inputs, and its first-call (compile) time."""
+    torch._dynamo.reset()
+    layer = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+    compiled = torch.compile(layer, backend=backend)
+    x = torch.randn(t, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(t, n, device=device, dtype=torch.bfloat16)
+
+    def step() -> None:
+        compiled(x).backward(dy)
+
+    start = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    return step, time.perf_counter() - start, [x, layer.weight]
+
+
+def peak_memory(step) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def kernel_breakdown(step, top: int = 8) -> list[list[str]]:
+    """Top CUDA kernels of one fwd+bwd by device time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events) or 1.0
+    return [
+        [
+            e.key[:70],
+            f"{e.device_time_total / 5 / 1000:.3f}",
+            f"{100 * e.device_time_total / total:.0f}%",
+        ]
+        for e in events[:top]
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES))
+    args = parser.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    gpu = torch.cuda.get_device_name()
+    rows, headline, breakdown = [], None, ""
+    for t, k, n in shapes:
+        result = {}
+        for backend in ("inductor", "quartet2"):
+            step, compile_s, grads = make_step(backend, t, k, n, "cuda")
+            ms = do_bench(step, warmup=100, rep=500, grad_to_none=grads, return_mode="median")
+            result[backend] = (ms, compile_s, peak_memory(step))
+            if backend == "quartet2" and (t, k, n) == shapes[0]:
+                table = markdown_table(["kernel", "ms / step", "share"], kernel_breakdown(step))
+                breakdown = f"quartet2 kernels at T={t}, K={k}, N={n}:\n\n{table}"
+        ratio = result["quartet2"][0] / result["inductor"][0]
+        flops = 6 * t * k * n
+        rows.append(
+            [
+                f"{t}x{k}x{n}",
+                f"{result['inductor'][0]:.3f}",
+                f"{result['quartet2'][0]:.3f}",
+                f"{ratio:.2f}x",
+                f"{flops / result['inductor'][0] / 1e9:.0f}",
+                f"{flops / result['quartet2'][0] / 1e9:.0f}",
+                f"{result['inductor'][2]:.2f}",
+                f"{result['quartet2'][2]:.2f}",
+                f"{result['inductor'][1]:.1f}",
+                f"{result['quartet2'][1]:.1f}",
+            ]
+        )
+        if (t, k, n) == (16384, 4096, 4096):
+            headline = f"linear fwd+bwd quartet2/bf16 (T={t}, K={k}, N={n}): {ratio:.2f}x on {gpu}"
+        print(rows[-1], flush=True)
+    table = markdown_table(
+        [
+            "T x K x N",
+            "bf16 ms",
+            "quartet2 ms",
+            "ratio",
+            "bf16 TFLOP/s",
+            "quartet2 TFLOP/s",
+            "bf16 peak GiB",
+            "quartet2 peak GiB",
+            "bf16 compile s",
+            "quartet2 compile s",
+        ],
+        rows,
+    )
+    body = f"`python benchmarks/linear.py` on {gpu}, torch {torch.__version__}; medians of "
+    body += f"device-event timings (triton do_bench).\n\n{table}\n\n{breakdown}\n"
+    if headline:
+        body += f"\n{headline}\n"
+    write_section("Linear layer", body)
+    print(table)
+    print(breakdown)
+    if headline:
+        print(headline)
+
+
+if __name__ == "__main__":
+    main()

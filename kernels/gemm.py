@@ -1,0 +1,162 @@
+"""NVFP4 GEMM: out = deq(a) @ deq(b).T with float32 accumulation, both operands grouped along K.
+
+E2M1 x E4M3 "unit" values (codes times group scales) are exact in bf16, and so are their
+products, so a bf16 tensor-core GEMM on unit values with float32 accumulation is an exact NVFP4
+GEMM up to summation order; the float32 tensor scales multiply the float32 accumulator once, in
+the epilogue (folding them into the operands would round every element).
+
+Two Hopper designs, measured by benchmarks/kernels.py (RESULTS.md, "## Kernels"):
+- "cublas": a dequantize kernel writes both operands' unit values in bf16, ``torch.mm`` (cuBLAS)
+  multiplies them with a float32 output, and a pointwise epilogue applies the tensor scales.
+- "fused": one Triton GEMM that loads the packed codes and scales (a quarter of the bytes) and
+  dequantizes them in registers with bit tricks before each ``tl.dot``.
+``DESIGN`` names the one the op uses. On Blackwell (capability >= 10) ``tl.dot_scaled`` takes the
+packed codes and E4M3 scales directly (``_dot_scaled_kernel``); that path has not run anywhere:
+this project has no Blackwell GPU, Triton 3.6 does not compile it for sm_90, and its interpreter
+does not implement dot_scaled.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from quartet_compile.kernels.quantize import e2m1_value, unpack_nibbles
+
+DESIGN = "cublas"
+
+
+@triton.jit
+def _unit_tile(codes_ptr, scales_ptr, row, k0, rows, K, BLOCK_K: tl.constexpr):
+    """bf16 unit values (e2m1 * e4m3, exact) of rows ``row`` ([B, 1]) and columns k0 + [0, BK)."""
+    byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :]
+    grp = k0 // 16 + tl.arange(0, BLOCK_K // 16)[None, :]
+    row64 = row.to(tl.int64)
+    packed = tl.load(codes_ptr + row64 * (K // 2) + byte, mask=(row < rows) & (byte < K // 2))
+    scale = tl.load(scales_ptr + row64 * (K // 16) + grp, mask=(row < rows) & (grp < K // 16))
+    scale = tl.where((row < rows) & (grp < K // 16), scale.to(tl.float32), 0.0)
+    values = tl.reshape(e2m1_value(unpack_nibbles(packed)), (row.shape[0], BLOCK_K // 16, 16))
+    return tl.reshape(values * scale[:, :, None], (row.shape[0], BLOCK_K))
+
+
+@triton.jit
+def _dequantize_kernel(codes_ptr, scales_ptr, out_ptr, rows, K, BLOCK_R: tl.constexpr,
+                       BLOCK_K: tl.constexpr):  # fmt: skip
+    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    k0 = tl.program_id(1) * BLOCK_K
+    units = _unit_tile(codes_ptr, scales_ptr, row, k0, rows, K, BLOCK_K).to(tl.bfloat16)
+    col = k0 + tl.arange(0, BLOCK_K)[None, :]
+    tl.store(out_ptr + row.to(tl.int64) * K + col, units, mask=(row < rows) & (col < K))
+
+
+@triton.jit
+def _fused_gemm_kernel(
+    a_codes, a_scales, a_ts, b_codes, b_scales, b_ts, out_ptr, M, N, K: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """Tiled GEMM over NVFP4 operands dequantized in registers; grouped tile order for L2 reuse.
+
+    K is a compile-time constant (a layer width: few distinct values; the interpreter also cannot
+    loop to a run-time bound under NumPy 2).
+    DOT_F32 multiplies in float32 (the interpreter's tl.dot mishandles bf16; products are exact
+    either way).
+    """
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
+    group_rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % group_rows
+    pid_n = (pid % (GROUP_M * grid_n)) // group_rows
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        a = _unit_tile(a_codes, a_scales, rm, kb * BLOCK_K, M, K, BLOCK_K)
+        b = _unit_tile(b_codes, b_scales, rn, kb * BLOCK_K, N, K, BLOCK_K)
+        if DOT_F32:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(tl.bfloat16), tl.trans(b.to(tl.bfloat16)), acc)
+    acc = acc * (tl.load(a_ts) * tl.load(b_ts))
+    cn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    mask = (rm < M) & (cn < N)
+    tl.store(out_ptr + rm.to(tl.int64) * N + cn, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dot_scaled_kernel(
+    a_codes, a_scales, a_ts, b_codes, b_scales, b_ts, out_ptr, M, N, K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Blackwell: native NVFP4 MMA (E2M1 operands, E4M3 scales per 16). Never run (see top)."""
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+    rn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
+    byte = tl.arange(0, BLOCK_K // 2)[None, :]
+    grp = tl.arange(0, BLOCK_K // 16)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_codes + rm * (K // 2) + k0 // 2 + byte, mask=rm < M, other=0)
+        b = tl.load(b_codes + rn * (K // 2) + k0 // 2 + byte, mask=rn < N, other=0)
+        sa = tl.load(a_scales + rm * (K // 16) + k0 // 16 + grp, mask=rm < M, other=0.0)
+        sb = tl.load(b_scales + rn * (K // 16) + k0 // 16 + grp, mask=rn < N, other=0.0)
+        acc = tl.dot_scaled(a, sa, "e2m1", tl.trans(b), sb, "e2m1", acc)
+    acc = acc * (tl.load(a_ts) * tl.load(b_ts))
+    cn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    mask = (rm < M) & (cn < N)
+    tl.store(out_ptr + rm.to(tl.int64) * N + cn, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_units(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """bf16 e2m1 * e4m3 values [rows, K] of a triple (without its tensor scale; exact)."""
+    rows, K = codes.shape[0], codes.shape[1] * 2
+    out = torch.empty((rows, K), dtype=torch.bfloat16, device=codes.device)
+    block_r, block_k = 32, 256
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(K, block_k))
+    wrap_triton(_dequantize_kernel)[grid](codes, scales, out, rows, K, block_r, block_k)
+    return out
+
+
+def gemm(
+    a_codes: torch.Tensor,
+    a_scales: torch.Tensor,
+    a_ts: torch.Tensor,
+    b_codes: torch.Tensor,
+    b_scales: torch.Tensor,
+    b_ts: torch.Tensor,
+    out_dtype: torch.dtype,
+    design: str = DESIGN,
+) -> torch.Tensor:
+    """deq(a) @ deq(b).T in ``out_dtype``: a [M, K] and b [N, K] NVFP4 triples (contiguous)."""
+    if a_codes.shape[1] != b_codes.shape[1]:
+        raise ValueError(
+            f"gemm operands disagree on K: {a_codes.shape[1] * 2} vs {b_codes.shape[1] * 2}"
+        )
+    M, N, K = a_codes.shape[0], b_codes.shape[0], a_codes.shape[1] * 2
+    a_codes, a_scales = a_codes.contiguous(), a_scales.contiguous()
+    b_codes, b_scales = b_codes.contiguous(), b_scales.contiguous()
+    on_cuda = a_codes.is_cuda
+    if on_cuda and torch.cuda.get_device_capability(a_codes.device)[0] >= 10:
+        out = torch.empty((M, N), dtype=out_dtype, device=a_codes.device)
+        grid = (triton.cdiv(M, 128), triton.cdiv(N, 128))
+        wrap_triton(_dot_scaled_kernel)[grid](
+            a_codes, a_scales, a_ts, b_codes, b_scales, b_ts, out, M, N, K, 128, 128, 128
+        )
+        return out
+    if design == "cublas":
+        a = dequantize_units(a_codes, a_scales)
+        b = dequantize_units(b_codes, b_scales)
+        acc = torch.mm(a, b.T, out_dtype=torch.float32)  # CUDA only (no float32-out mm on CPU)
+        return (acc * (a_ts * b_ts)).to(out_dtype)
+    if design != "fused":
+        raise ValueError(f"unknown GEMM design {design!r}")
+    out = torch.empty((M, N), dtype=out_dtype, device=a_codes.device)
+    block_m, block_n, block_k = (128, 128, 128) if on_cuda else (32, 32, 64)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    wrap_triton(_fused_gemm_kernel)[grid](
+        a_codes, a_scales, a_ts, b_codes, b_scales, b_ts, out, M, N, K,
+        not on_cuda, block_m, block_n, block_k, 8, num_warps=8, num_stages=3,
+    )  # fmt: skip
+    return out

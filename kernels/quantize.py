@@ -1,0 +1,219 @@
+"""Forward quantizer kernel (RTN + four-over-six, SPEC 2) and the NVFP4 helpers all kernels share.
+
+Every helper mirrors one function of ``quartet_compile.nvfp4`` operation for operation (same
+float32 roundings, IEEE divisions via ``div_rn``), so kernel outputs can be compared with the
+reference bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from quartet_compile import nvfp4
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+@triton.jit
+def nan_max(a, b):
+    """max that propagates NaN (a quantizer must not turn NaN into finite numbers)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def group_absmax(g):
+    """max|g| over the last axis of [rows, groups, 16], kept as [rows, groups, 1]."""
+    return tl.reduce(tl.abs(g), 2, nan_max, keep_dims=True)
+
+
+@triton.jit
+def divide(a, b):
+    """IEEE a / b with broadcasting (Triton's ``/`` is an approximate division on CUDA)."""
+    a, b = tl.broadcast(a, b)
+    return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def e2m1_encode(u):
+    """Signed 4-bit code of RTN(u): midpoint ties to the even index, saturating at 6, NaN -> 0.
+
+    From 1 up, E2M1 is float32 with a 1-bit significand: round the bit pattern to it (ties to
+    even) and read exponent and bit; below 1 the grid is {0, 0.5, 1}: two comparisons.
+    """
+    a = tl.abs(u)
+    bits = a.to(tl.int32, bitcast=True)
+    bits = (bits + 0x1FFFFF + ((bits >> 22) & 1)) & ~0x3FFFFF
+    big = tl.minimum(2 * ((bits >> 23) - 127) + 2 + ((bits >> 22) & 1), 7)
+    small = (a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32)
+    return ((u < 0).to(tl.int32) << 3) | tl.where(a >= 1.0, big, small)
+
+
+@triton.jit
+def e2m1_value(code):
+    """Float32 value of int32 4-bit codes, by bit placement rather than a table.
+
+    The code's sign and 3 magnitude bits become an fp16 pattern (exponent field = idx >> 1,
+    mantissa top bit = idx & 1); times 2^14 that is exactly the E2M1 value, 0.5 included (an
+    fp16 subnormal, which the fp16 -> fp32 conversion keeps).
+    """
+    bits = ((code & 8) << 12) | ((code & 7) << 9)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+
+
+@triton.jit
+def pack_nibbles(codes):
+    """[rows, n] int32 codes -> [rows, n / 2] bytes, first element in the low nibble."""
+    lo, hi = tl.split(tl.reshape(codes, (codes.shape[0], codes.shape[1] // 2, 2)))
+    return (lo | (hi << 4)).to(tl.uint8)
+
+
+@triton.jit
+def unpack_nibbles(packed):
+    """[rows, n / 2] bytes -> [rows, n] int32 codes."""
+    packed = packed.to(tl.int32)
+    both = tl.join(packed & 15, packed >> 4)
+    return tl.reshape(both, (packed.shape[0], packed.shape[1] * 2))
+
+
+@triton.jit
+def clamp_max(x, hi):
+    """min(x, hi) that keeps NaN (tl.minimum would return hi)."""
+    return tl.where(x > hi, hi, x)
+
+
+@triton.jit
+def e4m3_steps(x):
+    """x >= 0 in units of the E4M3 spacing of its binade, and that spacing (both exact).
+
+    floor(steps) * ulp is the largest E4M3 value <= x; steps - floor(steps) is how far x lies
+    towards the next one (E4M3 subnormals share the spacing of the 2^-6 binade).
+    """
+    exponent = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    ulp = ((exponent + 124) << 23).to(tl.float32, bitcast=True)
+    inv_ulp = ((130 - exponent) << 23).to(tl.float32, bitcast=True)
+    return x * inv_ulp, ulp
+
+
+@triton.jit
+def e4m3_rne(x):
+    """Round-to-nearest-even of x >= 0 to E4M3, saturating at 448; returned as float32.
+
+    Done by hand: the interpreter's float32 -> float8 cast does not round to nearest (the
+    kernels only cast exact E4M3 values).
+    """
+    steps, ulp = e4m3_steps(clamp_max(x, 448.0))
+    lo = tl.floor(steps)
+    odd = (lo.to(tl.int32) & 1) == 1
+    up = (steps - lo > 0.5) | ((steps - lo == 0.5) & odd)
+    return tl.where(up, lo + 1.0, lo) * ulp
+
+
+@triton.jit
+def e4m3_ceil(x):
+    """Smallest E4M3 value >= x, for x >= 0 (saturating at 448)."""
+    steps, ulp = e4m3_steps(clamp_max(x, 448.0))
+    return tl.ceil(steps) * ulp
+
+
+@triton.jit
+def e4m3_stochastic(x, uniform):
+    """Round x >= 0 up to the next E4M3 value with probability (x - lo) / ulp (unbiased)."""
+    steps, ulp = e4m3_steps(clamp_max(x, 448.0))
+    lo = tl.floor(steps)
+    return tl.where(uniform < steps - lo, lo + 1.0, lo) * ulp
+
+
+@triton.jit
+def philox_uniform(seed, offsets):
+    """nvfp4.philox_uniform: the top 24 bits of tl.randint as a float32 in [0, 1)."""
+    return (tl.randint(seed, offsets) >> 8).to(tl.float32) * (2.0**-24)
+
+
+@triton.jit
+def store_rows(ptr, values, row, col0, rows, row_stride):
+    """Store a [BLOCK_R, n] tile at rows ``row`` ([BLOCK_R, 1]) and columns col0 + [0, n)."""
+    col = col0 + tl.arange(0, values.shape[1])[None, :]
+    tl.store(ptr + row.to(tl.int64) * row_stride + col, values, mask=row < rows)
+
+
+# ------------------------------------------------------------------------------------ kernel
+
+
+@triton.jit
+def _rtn_candidate(g, gmax, ts, TARGET: tl.constexpr):
+    """nvfp4.rtn_candidate: codes, E4M3 scale (as float32) and squared error of one choice."""
+    scale = e4m3_rne(divide(gmax * (1.0 / TARGET), ts))
+    real = scale * ts
+    u = tl.where(real > 0, divide(g, real), 0.0)
+    codes = e2m1_encode(u)
+    # The select keeps the product a separate rounding (no FMA with the subtraction), as in torch.
+    dq = tl.where(real > 0, e2m1_value(codes) * real, 0.0)
+    return codes, scale, tl.sum((dq - g) * (dq - g), axis=2, keep_dims=True)
+
+
+@triton.jit
+def _quantize_rtn_kernel(
+    x_ptr,
+    ts_ptr,
+    codes_ptr,
+    scales_ptr,
+    rows,
+    cols,
+    stride_x,
+    FOUR_OVER_SIX: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    col = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
+    mask = (row < rows) & (col < cols)
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + col, mask=mask, other=0.0)
+    g = tl.reshape(x.to(tl.float32), (BLOCK_R, BLOCK_C // 16, 16))
+    ts = tl.load(ts_ptr)
+    gmax = group_absmax(g)
+    codes, scale, err = _rtn_candidate(g, gmax, ts, 6.0)
+    if FOUR_OVER_SIX:
+        codes4, scale4, err4 = _rtn_candidate(g, gmax, ts, 4.0)
+        pick4 = err4 < err
+        codes = tl.where(pick4, codes4, codes)
+        scale = tl.where(pick4, scale4, scale)
+    scale = tl.where(gmax == 0, 1.0, scale)
+    # Columns past ``cols`` form whole masked groups (cols % 16 == 0): their stores are masked.
+    byte = tl.program_id(1) * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)[None, :]
+    packed = pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK_C)))
+    mask = (row < rows) & (byte < cols // 2)
+    tl.store(codes_ptr + row.to(tl.int64) * (cols // 2) + byte, packed, mask=mask)
+    grp = tl.program_id(1) * (BLOCK_C // 16) + tl.arange(0, BLOCK_C // 16)[None, :]
+    scale = tl.reshape(scale, (BLOCK_R, BLOCK_C // 16)).to(tl.float8e4nv)
+    mask = (row < rows) & (grp < cols // 16)
+    tl.store(scales_ptr + row.to(tl.int64) * (cols // 16) + grp, scale, mask=mask)
+
+
+def check_quantizable(x: torch.Tensor, multiple: int, name: str = "x") -> None:
+    """Clear errors for inputs the kernels cannot take (the reference raises the same)."""
+    nvfp4.check_floating(x, name)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, cols], got shape {tuple(x.shape)}")
+    nvfp4.check_2d_multiple(x, multiple, name)
+
+
+def quantize_rtn(
+    x: torch.Tensor, amax: torch.Tensor, four_over_six: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NVFP4 triple of x [rows, cols] (groups along cols), equal to nvfp4.quantize_rtn's."""
+    check_quantizable(x, nvfp4.GROUP)
+    x = x.contiguous()
+    rows, cols = x.shape
+    divisor = nvfp4.E2M1_MAX * (nvfp4.FWD_SCALE_MAX if four_over_six else nvfp4.E4M3_MAX)
+    ts = nvfp4._safe_tensor_scale(amax, divisor)
+    codes = x.new_empty((rows, cols // 2), dtype=torch.uint8)
+    scales = x.new_empty((rows, cols // nvfp4.GROUP), dtype=torch.float8_e4m3fn)
+    block_r, block_c = 8, 128  # 8 elements per thread: no register spills (ptxas: 87 registers)
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    wrap_triton(_quantize_rtn_kernel)[grid](
+        x, ts, codes, scales, rows, cols, x.stride(0), four_over_six, block_r, block_c
+    )
+    return codes, scales, ts

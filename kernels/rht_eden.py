@@ -1,0 +1,293 @@
+"""Fused 128-block randomized Hadamard rotation + MS-EDEN (SPEC 3-4), and the SR baseline.
+
+One program owns BLOCK_R output rows x one 128-block of the reduction dim. It loads the block
+(from x, from x.T, or from a forward NVFP4 triple dequantized in registers), applies the signs,
+mixes with the exact +-1 Hadamard matrix on the tensor cores (``tl.dot``, 16-bit operands, float32
+accumulation: every product is exact) and scales by 1/sqrt(128) in float32.
+
+MS-EDEN needs the largest corrected scale before any E4M3 scale exists, so it runs in two passes:
+the data pass writes codes, float32 corrected scales and one partial max per program; a torch
+``amax`` over the partials gives the tensor scale; the scale pass rounds every scale
+stochastically (Philox draw at the scale's row-major index, as in nvfp4.rht_quantize). The SR
+baseline needs the tensor amax before its scales too: an amax pass, then the quantizing pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from quartet_compile import nvfp4
+from quartet_compile.kernels.quantize import (
+    check_quantizable,
+    clamp_max,
+    divide,
+    e2m1_encode,
+    e2m1_value,
+    e4m3_ceil,
+    e4m3_stochastic,
+    group_absmax,
+    pack_nibbles,
+    philox_uniform,
+)
+
+BLOCK: tl.constexpr = tl.constexpr(nvfp4.HADAMARD_BLOCK)
+INV_SQRT_BLOCK: tl.constexpr = tl.constexpr(nvfp4.INV_SQRT_BLOCK)
+INV_EDEN_FP4_MAX: tl.constexpr = tl.constexpr(1.0 / nvfp4.EDEN_FP4_MAX)
+INV_E2M1_MAX: tl.constexpr = tl.constexpr(1.0 / nvfp4.E2M1_MAX)
+# 16 rows x 128 per program: no register spills (ptxas: 128 registers at 4 warps; 64 rows spilled).
+BLOCK_R = 16
+# Tensor-core operand type that holds each source's values exactly (uint8 = NVFP4 unit values).
+_MIX_OF_SOURCE = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "bf16x3",
+    torch.uint8: "bf16",
+}
+
+
+@triton.jit
+def _hadamard(dtype: tl.constexpr):
+    """Sylvester H_128: entry (i, j) is (-1)^popcount(i & j)."""
+    p = tl.arange(0, BLOCK)[:, None] & tl.arange(0, BLOCK)[None, :]
+    p ^= p >> 4
+    p ^= p >> 2
+    p ^= p >> 1
+    return (1 - 2 * (p & 1)).to(dtype)
+
+
+@triton.jit
+def _mix(x, MIX: tl.constexpr):
+    """x @ H_128 for float32 x whose values are exact in the MIX operand type.
+
+    "bf16"/"fp16": one tensor-core dot; "bf16x3": three bf16 slices carry all 24 bits of a
+    float32 input; "f32": a float32 dot, for the interpreter, whose tl.dot mishandles bf16.
+    """
+    if MIX == "f32":
+        return tl.dot(x, _hadamard(tl.float32), input_precision="ieee")
+    elif MIX == "bf16x3":
+        h = _hadamard(tl.bfloat16)
+        hi = x.to(tl.bfloat16)
+        mid = (x - hi.to(tl.float32)).to(tl.bfloat16)
+        lo = (x - hi.to(tl.float32) - mid.to(tl.float32)).to(tl.bfloat16)
+        return tl.dot(hi, h, tl.dot(mid, h, tl.dot(lo, h)))
+    else:
+        dtype: tl.constexpr = tl.bfloat16 if MIX == "bf16" else tl.float16
+        return tl.dot(x.to(dtype), _hadamard(dtype))
+
+
+@triton.jit
+def _rotated_tile(
+    src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, rows, red, stride_r, stride_k, stride_s,
+    FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """[BLOCK_R, 128] float32 rotated values of this program's rows and reduction block.
+
+    Logical input X'[r, k] = src[r * stride_r + k * stride_k], zero beyond ``rows``/``red``.
+    With FROM_NVFP4, X'[r, k] = deq(codes)[k, r] (the transposed forward triple): the unit values
+    e2m1 * e4m3 are exact in bf16, so the tensor scale is applied after the mix.
+    """
+    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    kk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+    mask = (row < rows) & (kk < red)
+    signs = tl.load(signs_ptr + tl.arange(0, BLOCK))[None, :].to(tl.float32)
+    if FROM_NVFP4:
+        byte = tl.load(src_ptr + kk.to(tl.int64) * stride_k + row // 2, mask=mask, other=0)
+        code = (byte.to(tl.int32) >> ((row & 1) * 4)) & 15
+        scale = tl.load(src_scales_ptr + kk.to(tl.int64) * stride_s + row // 16, mask=mask)
+        units = e2m1_value(code) * tl.where(mask, scale.to(tl.float32), 0.0)
+        acc = _mix(units * signs, MIX) * tl.load(src_ts_ptr)
+    else:
+        offs = row.to(tl.int64) * stride_r + kk.to(tl.int64) * stride_k
+        x = tl.load(src_ptr + offs, mask=mask, other=0.0)
+        acc = _mix(x.to(tl.float32) * signs, MIX)
+    return acc * INV_SQRT_BLOCK
+
+
+@triton.jit
+def _store_tile(ptr, values, rows, row_stride, BLOCK_R: tl.constexpr):
+    """Store [BLOCK_R, n] at this program's rows, columns program_id(1) * n + [0, n)."""
+    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    col = tl.program_id(1) * values.shape[1] + tl.arange(0, values.shape[1])[None, :]
+    tl.store(ptr + row.to(tl.int64) * row_stride + col, values, mask=row < rows)
+
+
+@triton.jit
+def _pairwise_sum16(t):
+    """nvfp4.pairwise_sum over the last axis of [rows, groups, 16]: the same addition tree."""
+    for _ in tl.static_range(4):
+        a, b = tl.split(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2] // 2, 2)))
+        t = a + b
+    return tl.reshape(t, (t.shape[0], t.shape[1], 1))
+
+
+@triton.jit
+def _store_partial_max(partial_ptr, values):
+    """One max per program (NaN counts as +inf, so the tensor scale becomes NaN as in torch)."""
+    values = tl.where(values != values, float("inf"), values)
+    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(partial_ptr + pid, tl.max(tl.max(tl.max(values, 2), 1), 0))
+
+
+@triton.jit
+def _eden_data_kernel(
+    src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, codes_ptr, corrected_ptr, partial_ptr,
+    rows, red, stride_r, stride_k, stride_s, padded,
+    FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """nvfp4.eden_codes_and_scales on one rotated tile: codes, corrected scales, partial max."""
+    v = _rotated_tile(
+        src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, rows, red, stride_r, stride_k, stride_s,
+        FROM_NVFP4, MIX, BLOCK_R,
+    )  # fmt: skip
+    g = tl.reshape(v, (BLOCK_R, BLOCK // 16, 16))
+    s = group_absmax(g) * INV_EDEN_FP4_MAX
+    u = tl.where(s > 0, divide(g, s), 0.0)
+    codes = e2m1_encode(u)
+    # A per-element select keeps each product a separate rounding, as in torch: otherwise the
+    # compiler fuses it into the sum's first addition (an FMA rounds once, so k differs).
+    uc = _pairwise_sum16(tl.where(u != 0, u * e2m1_value(codes), 0.0))
+    uu = _pairwise_sum16(tl.where(u != 0, u * u, 0.0))
+    corrected = s * tl.where(uc != 0, divide(uu, uc), 1.0)
+    _store_tile(codes_ptr, pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK))), rows, padded // 2,
+                BLOCK_R)  # fmt: skip
+    _store_tile(corrected_ptr, tl.reshape(corrected, (BLOCK_R, BLOCK // 16)), rows, padded // 16,
+                BLOCK_R)  # fmt: skip
+    _store_partial_max(partial_ptr, corrected)
+
+
+@triton.jit
+def _eden_scales_kernel(corrected_ptr, ts_ptr, seed_ptr, scales_ptr, n, BLOCK_N: tl.constexpr):
+    """Stored E4M3 scale = SR(S / tensor_scale), 1 for an all-zero group."""
+    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    corrected = tl.load(corrected_ptr + offs, mask=offs < n, other=0.0)
+    stored = e4m3_stochastic(
+        divide(corrected, tl.load(ts_ptr)), philox_uniform(tl.load(seed_ptr), offs)
+    )
+    stored = tl.where(corrected == 0, 1.0, stored)
+    tl.store(scales_ptr + offs, stored.to(tl.float8e4nv), mask=offs < n)
+
+
+@triton.jit
+def _absmax_kernel(
+    src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, partial_ptr,
+    rows, red, stride_r, stride_k, stride_s,
+    FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """max|v| of one rotated tile (the SR baseline's tensor amax, first pass)."""
+    v = _rotated_tile(
+        src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, rows, red, stride_r, stride_k, stride_s,
+        FROM_NVFP4, MIX, BLOCK_R,
+    )  # fmt: skip
+    _store_partial_max(partial_ptr, tl.reshape(tl.abs(v), (BLOCK_R, BLOCK, 1)))
+
+
+@triton.jit
+def _sr_kernel(
+    src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, ts_ptr, seed_ptr, codes_ptr, scales_ptr,
+    rows, red, stride_r, stride_k, stride_s, padded,
+    FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """nvfp4.sr_quantize on one rotated tile: ceil-E4M3 scales, element-wise SR to E2M1."""
+    v = _rotated_tile(
+        src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, rows, red, stride_r, stride_k, stride_s,
+        FROM_NVFP4, MIX, BLOCK_R,
+    )  # fmt: skip
+    g = tl.reshape(v, (BLOCK_R, BLOCK // 16, 16))
+    ts = tl.load(ts_ptr)
+    gmax = group_absmax(g)
+    scale = e4m3_ceil(divide(gmax * INV_E2M1_MAX, ts))
+    real = scale * ts
+    u = tl.where(real > 0, divide(g, real), 0.0)
+    u = tl.where(u < -6.0, -6.0, clamp_max(u, 6.0))
+    a = tl.abs(u)
+    lo_idx = (a >= 0.5).to(tl.int32) + (a >= 1.0).to(tl.int32) + (a >= 1.5).to(tl.int32)
+    lo_idx += (a >= 2.0).to(tl.int32) + (a >= 3.0).to(tl.int32) + (a >= 4.0).to(tl.int32)
+    lo = e2m1_value(lo_idx)
+    frac = divide(a - lo, e2m1_value(lo_idx + 1) - lo)
+    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+    uniform = philox_uniform(tl.load(seed_ptr), row * padded + col)
+    idx = lo_idx + (tl.reshape(uniform, (BLOCK_R, BLOCK // 16, 16)) < frac).to(tl.int32)
+    codes = ((u < 0).to(tl.int32) << 3) | idx
+    scale = tl.where(gmax == 0, 1.0, scale).to(tl.float8e4nv)
+    _store_tile(codes_ptr, pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK))), rows, padded // 2,
+                BLOCK_R)  # fmt: skip
+    _store_tile(scales_ptr, tl.reshape(scale, (BLOCK_R, BLOCK // 16)), rows, padded // 16,
+                BLOCK_R)  # fmt: skip
+
+
+def _quantize_rotated(
+    src: torch.Tensor,
+    src_scales: torch.Tensor,
+    src_ts: torch.Tensor,
+    strides: tuple[int, int, int],
+    rows: int,
+    red: int,
+    signs: torch.Tensor,
+    seed: torch.Tensor,
+    method: str,
+    from_nvfp4: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch one method's passes over the logical [rows, red] input described by the args."""
+    if method not in nvfp4.BACKWARD_METHODS:
+        raise ValueError(f"method must be one of {nvfp4.BACKWARD_METHODS}, got {method!r}")
+    padded = red + (-red % nvfp4.HADAMARD_BLOCK)
+    signs, seed = signs.to(src.device, torch.float32), seed.to(src.device)
+    mix = "f32" if not src.is_cuda else _MIX_OF_SOURCE[src.dtype]
+    device = src.device
+    codes = torch.empty((rows, padded // 2), dtype=torch.uint8, device=device)
+    scales = torch.empty((rows, padded // nvfp4.GROUP), dtype=torch.float8_e4m3fn, device=device)
+    grid = (triton.cdiv(rows, BLOCK_R), padded // nvfp4.HADAMARD_BLOCK)
+    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=device)
+    source = (src, src_scales, src_ts, signs)
+    shape = (rows, red, *strides)
+    if method == "eden":
+        corrected = torch.empty(scales.shape, dtype=torch.float32, device=device)
+        wrap_triton(_eden_data_kernel)[grid](
+            *source, codes, corrected, partial, *shape, padded, from_nvfp4, mix, BLOCK_R
+        )
+        ts = nvfp4._safe_tensor_scale(partial.amax(), nvfp4.EDEN_FP8_MAX)
+        n = corrected.numel()
+        wrap_triton(_eden_scales_kernel)[(triton.cdiv(n, 1024),)](
+            corrected, ts, seed, scales, n, 1024
+        )
+    else:
+        wrap_triton(_absmax_kernel)[grid](*source, partial, *shape, from_nvfp4, mix, BLOCK_R)
+        ts = nvfp4._safe_tensor_scale(partial.amax(), nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)
+        wrap_triton(_sr_kernel)[grid](
+            *source, ts, seed, codes, scales, *shape, padded, from_nvfp4, mix, BLOCK_R
+        )
+    return codes, scales, ts
+
+
+def rht_quantize(
+    x: torch.Tensor, signs: torch.Tensor, seed: torch.Tensor, transpose: bool, method: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NVFP4 triple of x · R (x.T · R when ``transpose``), as nvfp4.rht_quantize."""
+    check_quantizable(x, 1)
+    rows, red = (x.shape[1], x.shape[0]) if transpose else x.shape
+    strides = (x.stride(1), x.stride(0), 0) if transpose else (x.stride(0), x.stride(1), 0)
+    # The signs tensor stands in for the unused NVFP4 scale / tensor-scale pointers.
+    signs = signs.to(x.device, torch.float32)
+    return _quantize_rotated(x, signs, signs, strides, rows, red, signs, seed, method, False)
+
+
+def requant(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    tensor_scale: torch.Tensor,
+    signs: torch.Tensor,
+    seed: torch.Tensor,
+    method: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NVFP4 triple of deq(triple).T · R, as nvfp4.requant (exact when the tensor scale is a
+    power of two; otherwise the scale is applied after the mix, one rounding away)."""
+    codes, scales = codes.contiguous(), scales.contiguous()
+    strides = (0, codes.stride(0), scales.stride(0))
+    rows, red = codes.shape[1] * 2, codes.shape[0]
+    return _quantize_rotated(
+        codes, scales, tensor_scale, strides, rows, red, signs, seed, method, True
+    )

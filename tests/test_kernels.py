@@ -1,0 +1,193 @@
+"""The Triton kernels under Triton's interpreter (CPU) against the nvfp4.py reference.
+
+Deterministic outputs must match bit-for-bit; MS-EDEN and SR draw the reference's Philox numbers
+(same seed, same offsets), so they must match bit-for-bit too. Small shapes: the interpreter is
+slow. The same checks at real sizes on the GPU are in test_kernels_gpu.py, with NaN propagation
+(the interpreter casts float32 NaN to float8 as 384).
+"""
+
+import os
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from quartet_compile import nvfp4 as q
+from quartet_compile.kernels import gemm, quantize, rht_eden
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="interpreter tests (tests/conftest.py sets TRITON_INTERPRET=1 where CUDA is absent)",
+)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _gaussian(rows: int, cols: int, seed: int, dtype=torch.bfloat16) -> torch.Tensor:
+    # Row magnitudes spread over 2^-4..2^4, so groups use many scale binades.
+    g = _gen(seed)
+    spread = torch.exp2(torch.randint(-4, 5, (rows, 1), generator=g).float())
+    return (torch.randn(rows, cols, generator=g) * spread).to(dtype)
+
+
+def assert_same_triple(got, ref: q.NVFP4Tensor) -> None:
+    codes, scales, ts = got
+    assert codes.dtype == torch.uint8 and scales.dtype == torch.float8_e4m3fn
+    assert torch.equal(codes, ref.codes), f"{(codes != ref.codes).sum()} code bytes differ"
+    diff = scales.view(torch.uint8) != ref.scales.view(torch.uint8)
+    assert not diff.any(), f"{diff.sum()} of {diff.numel()} scales differ"
+    assert ts.dtype == torch.float32 and ts.shape == () and torch.equal(ts, ref.tensor_scale)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _encode_kernel(u_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, quantize.e2m1_encode(tl.load(u_ptr + offs)))
+
+
+def test_e2m1_encode_bit_trick_equals_reference_rounding():
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    near = torch.cat([mids, mids.nextafter(torch.tensor(0.0)), mids.nextafter(torch.tensor(9.0))])
+    special = torch.tensor([0.0, 0.5, 1.0, 1.5, 6.0, 6.5, 7.0, 1e30, 1e-30, float("inf")])
+    values = torch.cat([near, special, torch.rand(1024 - 3 * 7 - 10, generator=_gen(0)) * 8])
+    u = torch.cat([values, -values])
+    u[-1] = float("nan")
+    out = torch.empty(2048, dtype=torch.int32)
+    _encode_kernel[(1,)](u, out, 2048)
+    assert torch.equal(out.to(torch.uint8), q.e2m1_encode(u))
+
+
+# ------------------------------------------------------------------------------ quantize_fwd
+
+
+@pytest.mark.parametrize("four_over_six", [True, False])
+@pytest.mark.parametrize(
+    ("rows", "cols", "dtype"), [(64, 256, torch.bfloat16), (50, 176, torch.float32)]
+)
+def test_quantize_matches_reference_bit_for_bit(four_over_six, rows, cols, dtype):
+    x = _gaussian(rows, cols, seed=rows + cols, dtype=dtype)
+    x[1, :16] = 0  # an all-zero group stores scale 1
+    amax = x.float().abs().amax()
+    got = quantize.quantize_rtn(x, amax, four_over_six)
+    assert_same_triple(got, q.quantize_rtn(x, four_over_six, amax))
+    assert got[1][1, 0].float() == 1
+
+
+def test_quantize_takes_the_graphs_amax():
+    # A larger amax (e.g. from a fused reduction) changes the tensor scale and the scales with it.
+    x = _gaussian(32, 128, seed=1)
+    amax = torch.tensor(1536.0 * 4)
+    got = quantize.quantize_rtn(x, amax, True)
+    assert_same_triple(got, q.quantize_rtn(x, True, amax))
+    assert got[2] == 4.0
+
+
+# ------------------------------------------------------------------------- rht_eden / requant
+
+
+def _signs_and_seed(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.random_signs(_gen(seed)), torch.tensor(10_000_019 * seed, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("method", ["eden", "sr"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_rht_quantize_matches_reference_bit_for_bit(method, transpose):
+    # 200 rows: transposed, the reduction dim is zero-padded from 200 to 256.
+    x = _gaussian(200, 256, seed=3)
+    signs, seed = _signs_and_seed(4)
+    got = rht_eden.rht_quantize(x, signs, seed, transpose, method)
+    ref = q.rht_quantize(x, signs, seed, transpose, method)
+    assert got[0].shape == ((256, 128) if transpose else (200, 128))
+    assert_same_triple(got, ref)
+
+
+def test_rht_quantize_float32_input_and_unpadded_plain_rows():
+    x = _gaussian(48, 200, seed=5, dtype=torch.float32)  # plain: columns padded 200 -> 256
+    signs, seed = _signs_and_seed(6)
+    assert_same_triple(
+        rht_eden.rht_quantize(x, signs, seed, False, "eden"),
+        q.rht_quantize(x, signs, seed, False, "eden"),
+    )
+
+
+def test_rht_quantize_depends_on_seed_and_signs():
+    x = _gaussian(64, 128, seed=7)
+    signs, seed = _signs_and_seed(8)
+    base = rht_eden.rht_quantize(x, signs, seed, False, "eden")
+    other_seed = rht_eden.rht_quantize(x, signs, seed + 1, False, "eden")
+    assert torch.equal(base[0], other_seed[0])  # codes are RTN: only the scales are random
+    assert not torch.equal(base[1].view(torch.uint8), other_seed[1].view(torch.uint8))
+    other_signs = rht_eden.rht_quantize(x, -signs, seed, False, "eden")
+    assert not torch.equal(base[0], other_signs[0])
+
+
+@pytest.mark.parametrize("method", ["eden", "sr"])
+def test_requant_matches_reference_bit_for_bit(method):
+    # A power-of-two tensor scale (amax = 1536 * 2^-3) keeps deq(q) exact in the reference too.
+    w = _gaussian(200, 384, seed=9, dtype=torch.float32)
+    assert w.abs().max() <= 192
+    fwd = q.quantize_rtn(w, True, torch.tensor(1536.0 * 2**-3))
+    assert fwd.tensor_scale == 2**-3
+    signs, seed = _signs_and_seed(10)
+    got = rht_eden.requant(*fwd, signs, seed, method)
+    assert got[0].shape == (384, 128)  # [cols, padded rows / 2]
+    assert_same_triple(got, q.requant(fwd, signs, seed, method))
+
+
+def test_requant_with_any_tensor_scale_is_one_rounding_away():
+    w = _gaussian(128, 256, seed=11, dtype=torch.float32)
+    fwd = q.quantize_rtn(w, True)
+    signs, seed = _signs_and_seed(12)
+    got = q.NVFP4Tensor(*rht_eden.requant(*fwd, signs, seed, "eden"))
+    ref = q.requant(fwd, signs, seed, "eden")
+    assert (got.codes == ref.codes).float().mean() > 0.99
+    torch.testing.assert_close(got.tensor_scale, ref.tensor_scale, rtol=1e-6, atol=0)
+    rel = (got.dequantize() - ref.dequantize()).norm() / ref.dequantize().norm()
+    assert rel < 0.02
+
+
+# ------------------------------------------------------------------------------------ gemm
+
+
+def test_dequantize_units_are_exact():
+    t = q.quantize_rtn(_gaussian(48, 256, seed=13, dtype=torch.float32))
+    units = gemm.dequantize_units(t.codes, t.scales)
+    elems = q.e2m1_decode(q.unpack_nibbles(t.codes)).view(48, -1, q.GROUP)
+    expected = (elems * t.scales.float().unsqueeze(-1)).view(48, -1)
+    assert units.dtype == torch.bfloat16 and torch.equal(units.float(), expected)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_fused_gemm_matches_reference(out_dtype):
+    a = q.quantize_rtn(_gaussian(96, 320, seed=14, dtype=torch.float32))
+    b = q.quantize_rtn(_gaussian(80, 320, seed=15, dtype=torch.float32))
+    out = gemm.gemm(*a, *b, out_dtype, design="fused")
+    ref = q.gemm(a, b, torch.float32)
+    assert out.dtype == out_dtype and out.shape == (96, 80)
+    tol = 1e-6 if out_dtype == torch.float32 else 4e-3
+    assert ((out.float() - ref).norm() / ref.norm()) < tol
+
+
+# ------------------------------------------------------------------------------- bad inputs
+
+
+def test_kernels_reject_bad_inputs_clearly():
+    x = _gaussian(32, 128, seed=16)
+    signs, seed = _signs_and_seed(17)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quantize.quantize_rtn(x[:, :120], x.abs().amax(), True)
+    with pytest.raises(TypeError, match="float32/bfloat16/float16"):
+        quantize.quantize_rtn(x.to(torch.int32), x.abs().amax(), True)
+    with pytest.raises(ValueError, match="2-D"):
+        rht_eden.rht_quantize(x[None], signs, seed, False, "eden")
+    with pytest.raises(ValueError, match="method"):
+        rht_eden.rht_quantize(x, signs, seed, False, "rtn")
+    a, b = q.quantize_rtn(x), q.quantize_rtn(x[:, :64])
+    with pytest.raises(ValueError, match="disagree on K"):
+        gemm.gemm(*a, *b, torch.bfloat16)
