@@ -162,6 +162,11 @@ class _Emitter:
         )
         self.created: list[fx.Node] = []
         self.replaced: list[tuple[fx.Node, fx.Node]] = []
+        self.replacements: dict[fx.Node, fx.Node] = {}
+
+    def current(self, node: fx.Node) -> fx.Node:
+        """What ``node`` became if an earlier linear's rewrite replaced it."""
+        return self.replacements.get(node, node)
 
     def call(
         self, anchor: fx.Node, target: Callable[..., Any], *args: Any, **kwargs: Any
@@ -196,6 +201,7 @@ class _Emitter:
         for old, new in self.replaced:
             old.replace_all_uses_with(new)
             self.graph.erase_node(old)
+            self.replacements[old] = new
         for node in self.created:
             if (
                 isinstance(node.target, torch._ops.OpOverload)
@@ -215,7 +221,8 @@ def _rewrite_linear(
 ) -> None:
     fwd = lin.forward
     out_dtype = fwd.meta["val"].dtype
-    x2d = emit.call(fwd, aten.squeeze.dim, lin.x, 0) if lin.batched else lin.x
+    x = emit.current(lin.x)
+    x2d = emit.call(fwd, aten.squeeze.dim, x, 0) if lin.batched else x
     w_nk = (
         emit.call(fwd, aten.permute.default, lin.weight, [1, 0])
         if lin.weight_transposed
@@ -239,7 +246,7 @@ def _rewrite_linear(
         xq, wq = quantize(x2d), quantize(w_nk)
         out = emit.call(fwd, q2.gemm.default, *xq, *wq, out_dtype)
         if lin.bias is not None:
-            out = emit.call(fwd, aten.add.Tensor, out, lin.bias)
+            out = emit.call(fwd, aten.add.Tensor, out, emit.current(lin.bias))
         if lin.batched:
             out = emit.call(fwd, aten.unsqueeze.default, out, 0)
         emit.replace(fwd, out)
@@ -265,7 +272,8 @@ def _rewrite_linear(
         s = emit.call(node, aten.select.int, signs, 0, i)
         seed_dy = emit.call(node, aten.select.int, seeds, 0, 2 * i)
         seed_op = emit.call(node, aten.select.int, seeds, 0, 2 * i + 1)
-        dy = emit.call(node, aten.squeeze.dim, mm.dy, 0) if lin.batched else mm.dy
+        dy = emit.current(mm.dy)
+        dy = emit.call(node, aten.squeeze.dim, dy, 0) if lin.batched else dy
         # grad-input wants dy [T, N] rotated along N; grad-weight dy.T [N, T] along T.
         dy_transpose = mm.dy_transposed if mm is lin.grad_input else not mm.dy_transposed
         dyq = emit.triple(node, q2.rht_eden.default, dy, s, seed_dy, dy_transpose, method)
