@@ -341,6 +341,11 @@ def inline_body(graph: fx.Graph, node: fx.Node, fake_mode: Any) -> None:
         for inner in traced.graph.nodes:
             if inner.op == "output":
                 out = fx.map_arg(inner.args[0], env.__getitem__)
+            elif inner.op == "get_attr":  # a constant of the body (e.g. a lookup table)
+                name = _fresh_attr(graph.owning_module, inner.target)
+                setattr(graph.owning_module, name, getattr(traced, inner.target))
+                env[inner] = graph.get_attr(name)
+                env[inner].meta.update(inner.meta)
             elif inner.op != "placeholder":
                 env[inner] = graph.node_copy(inner, env.__getitem__)
                 env[inner].meta.update(_inherited(node))
@@ -351,3 +356,11 @@ def inline_body(graph: fx.Graph, node: fx.Node, fake_mode: Any) -> None:
     else:
         node.replace_all_uses_with(out)
     graph.erase_node(node)
+
+
+def _fresh_attr(module: torch.nn.Module, base: str) -> str:
+    name, i = f"quartet2{base}", 0
+    while hasattr(module, name):
+        i += 1
+        name = f"quartet2{base}_{i}"
+    return name
