@@ -32,6 +32,7 @@ from quartet_compile.nvfp4 import HADAMARD_BLOCK
 from quartet_compile.passes.match import Labels, Linear, Matches, find_matmuls, resolve, shape_of
 from quartet_compile.passes.report import (
     REWRITTEN,
+    ROLES,
     GraphReport,
     LinearReport,
     OtherReport,
@@ -53,7 +54,11 @@ _SEED_HIGH = 2**31 - 1
 
 def rewrite(graph: fx.Graph, config: QuartetConfig, params: Mapping[int, str]) -> GraphReport:
     """Rewrite ``graph`` in place; never raises for a matmul it cannot handle."""
-    matches = find_matmuls(graph, params)
+    try:
+        matches = find_matmuls(graph, params)
+    except Exception as exc:  # noqa: BLE001  (the pass must never fail a compile)
+        log.warning("quartet2: graph left as it was: matching failed", exc_info=True)
+        return GraphReport(kind=f"unrecognized ({type(exc).__name__}: {exc})")
     report = GraphReport(kind="joint (training)" if matches.joint else "forward (inference)")
     emitter = _Emitter(graph)
     # One forward quantization per tensor, shared by the linears that read it (q/k/v read the
@@ -62,9 +67,7 @@ def rewrite(graph: fx.Graph, config: QuartetConfig, params: Mapping[int, str]) -
     for lin in matches.linears:
         entry = _describe(lin, matches, config)
         report.linears.append(entry)
-        if not any(
-            getattr(entry, role) == REWRITTEN for role in ("forward", "grad_input", "grad_weight")
-        ):
+        if not entry.rewritten():
             continue
         try:
             _rewrite_linear(lin, entry, config, emitter, quantized)
@@ -74,7 +77,7 @@ def rewrite(graph: fx.Graph, config: QuartetConfig, params: Mapping[int, str]) -
             emitter.rollback()
             reason = f"rewrite failed ({type(exc).__name__}: {exc})"
             log.warning("quartet2: %s left as it was: %s", lin.name, reason, exc_info=True)
-            for role in ("forward", "grad_input", "grad_weight"):
+            for role in ROLES:
                 if getattr(entry, role) == REWRITTEN:
                     setattr(entry, role, reason)
         emitter.commit()

@@ -235,3 +235,15 @@ def test_backward_method_reaches_the_ops(method: str) -> None:
     options = {"backward_method": method, "four_over_six": method == "eden"}
     graph = quartet_compile.explain(MLP(), torch.randn(128, 128), **EAGER, **options).graphs[0]
     assert graph.graph.count(f"'{method}')") == 6  # 3 backward GEMMs x 2 operands
+
+
+@pytest.mark.parametrize("switch", ["forward", "backward"])
+def test_forward_or_backward_alone(switch: str) -> None:
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(128, 128, requires_grad=True)
+    report = explain_and_step(model, x, **{switch: False})
+    disabled = f"disabled ({switch}=False)"
+    assert report.count(disabled) == (2 if switch == "forward" else 4)
+    assert report.count("nvfp4") == (4 if switch == "forward" else 2)
+    assert torch.isfinite(x.grad).all()
