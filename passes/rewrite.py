@@ -184,11 +184,12 @@ class _Emitter:
             node.meta["val"] = target(*fake_args, **fake_kwargs)
         return node
 
-    def triple(
-        self, anchor: fx.Node, target: Callable[..., Any], *args: Any
-    ) -> tuple[fx.Node, ...]:
+    def triple(self, anchor: fx.Node, target: Callable[..., Any], *args: Any) -> Triple:
         node = self.call(anchor, target, *args)
-        return tuple(self.call(anchor, operator.getitem, node, i) for i in range(3))
+        codes, scales, tensor_scale = (
+            self.call(anchor, operator.getitem, node, i) for i in range(3)
+        )
+        return codes, scales, tensor_scale
 
     def replace(self, old: fx.Node, new: fx.Node) -> None:
         self.replaced.append((old, new))

@@ -8,9 +8,9 @@ given through ``compile_fx(..., config_patches=...)`` rather than a ``with confi
 because AOTAutograd compiles the backward lazily, at the first backward call, outside any
 ``with``. The same hook and call path exist on torch 2.11 (DESIGN.md: seen there too).
 
-The pass is a ``CustomGraphPass`` whose ``uuid`` hashes the passes' sources, the config and which
-inputs are parameters: Inductor's FX and AOTAutograd caches stay on and are invalidated by any of
-them. On a cache hit the pass does not run, so no report is logged for that graph.
+The pass is a ``CustomGraphPass`` whose ``uuid`` hashes the sources of the passes, ops and
+kernels, the config and which inputs are parameters: Inductor's FX and AOTAutograd caches stay on
+and are invalidated by any of them. On a cache hit the pass does not run; the log says so.
 """
 
 from __future__ import annotations
@@ -25,16 +25,18 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from quartet_compile import config as config_module
+from quartet_compile import kernels, nvfp4, ops, passes
 from quartet_compile.config import QuartetConfig
-from quartet_compile.passes import match, report, rewrite
+from quartet_compile.passes import match, rewrite
 from quartet_compile.passes.report import GraphReport
 
 log = logging.getLogger("quartet_compile")
 
+# Everything the rewritten graphs depend on: a change to any of them must miss Inductor's caches.
 _SOURCES = tuple(
-    str(Path(module.__file__))
-    for module in (match, report, rewrite, __import__("quartet_compile.config").config)
-)
+    sorted(str(f) for pkg in (passes, kernels) for f in Path(pkg.__file__).parent.glob("*.py"))
+) + tuple(str(Path(module.__file__)) for module in (config_module, nvfp4, ops))
 
 
 class QuartetPass(CustomGraphPass):
