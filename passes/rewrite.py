@@ -276,10 +276,9 @@ def _rewrite_linear(
         s = emit.call(node, aten.select.int, signs, 0, i)
         seed_dy = emit.call(node, aten.select.int, seeds, 0, 2 * i)
         seed_op = emit.call(node, aten.select.int, seeds, 0, 2 * i + 1)
-        dy = emit.current(mm.dy)
-        dy = emit.call(node, aten.squeeze.dim, dy, 0) if lin.batched else dy
+        dy, holds_dy_t = _untransposed(emit, node, emit.current(mm.dy), mm.dy_transposed)
         # grad-input wants dy [T, N] rotated along N; grad-weight dy.T [N, T] along T.
-        dy_transpose = mm.dy_transposed if mm is lin.grad_input else not mm.dy_transposed
+        dy_transpose = holds_dy_t if mm is lin.grad_input else not holds_dy_t
         dyq = emit.triple(node, q2.rht_eden.default, dy, s, seed_dy, dy_transpose, method)
         if triple is not None:
             opq = emit.triple(node, q2.requant.default, *triple, s, seed_op, method)
@@ -291,6 +290,17 @@ def _rewrite_linear(
         if lin.batched:
             out = emit.call(node, aten.unsqueeze.default, out, 0)
         emit.replace(node, out)
+
+
+def _untransposed(
+    emit: _Emitter, anchor: fx.Node, dy: fx.Node, transposed: bool
+) -> tuple[fx.Node, bool]:
+    """The 2-D tensor that ``dy`` views, and whether it holds dy.T: rht_eden reads it in either
+    orientation (its ``transpose`` flag), so a permuted view need not be materialized."""
+    source = resolve(dy)
+    if len(shape_of(source.root)) == 2 and source.matrix in ((0, 1), (1, 0)):
+        return source.root, transposed != (source.matrix == (1, 0))
+    return emit.call(anchor, aten.squeeze.dim, dy, 0) if len(shape_of(dy)) == 3 else dy, transposed
 
 
 def _randint(
