@@ -7,7 +7,8 @@ backward matmuls into NVFP4 ``quartet2::*`` ops; see docs/ for the numerics and 
 from quartet_compile import ops  # noqa: F401  (registers the quartet2 ops)
 from quartet_compile.backend import quartet2
 from quartet_compile.config import QuartetConfig
+from quartet_compile.explain import explain
 from quartet_compile.nvfp4 import NVFP4Tensor
 
-__all__ = ["NVFP4Tensor", "QuartetConfig", "quartet2"]
+__all__ = ["NVFP4Tensor", "QuartetConfig", "explain", "quartet2"]
 __version__ = "0.1.0"

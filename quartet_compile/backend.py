@@ -1,14 +1,146 @@
-"""The ``quartet2`` torch.compile backend (arrives with the backend issue)."""
+"""The ``quartet2`` torch.compile backend: Inductor with the NVFP4 rewrite on the joint graph.
+
+How the pass is hooked in (verified on torch 2.13, CPU): Inductor's ``joint_custom_pre_pass``
+config runs inside ``joint_graph_passes``, which ``compile_fx`` calls from its partition function
+on the joint forward+backward graph when training, and from ``compile_fx_forward`` (the inference
+compiler) on the forward graph under ``torch.no_grad()``/eval, so one pass sees both kinds. It is
+given through ``compile_fx(..., config_patches=...)`` rather than a ``with config.patch`` block
+because AOTAutograd compiles the backward lazily, at the first backward call, outside any
+``with``. The same hook and call path exist on torch 2.11 (DESIGN.md: seen there too).
+
+The pass is a ``CustomGraphPass`` whose ``uuid`` hashes the sources of the passes, ops and
+kernels, the config and which inputs are parameters: Inductor's FX and AOTAutograd caches stay on
+and are invalidated by any of them. On a cache hit the pass does not run; the log says so.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._inductor.compile_fx import compile_fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from quartet_compile import config as config_module
+from quartet_compile import kernels, nvfp4, ops, passes
+from quartet_compile.config import QuartetConfig
+from quartet_compile.passes import match, rewrite
+from quartet_compile.passes.report import GraphReport
+
+log = logging.getLogger("quartet_compile")
+
+# Everything the rewritten graphs depend on: a change to any of them must miss Inductor's caches.
+_SOURCES = tuple(
+    sorted(str(f) for pkg in (passes, kernels) for f in Path(pkg.__file__).parent.glob("*.py"))
+) + tuple(str(Path(module.__file__)) for module in (config_module, nvfp4, ops))
 
 
-def quartet2(gm: torch.fx.GraphModule, example_inputs: list[Any], **options: Any):
-    raise NotImplementedError(
-        "the quartet2 backend's graph pass is not implemented yet; use backend='inductor' "
-        "for now (tracked by the backend issue)"
+class QuartetPass(CustomGraphPass):
+    """The joint-graph pass: rewrites linears in place and hands each graph's report on."""
+
+    def __init__(
+        self,
+        config: QuartetConfig,
+        params: dict[int, str],
+        on_report: Callable[[GraphReport], None],
+    ) -> None:
+        self.config = config
+        self.params = params
+        self.on_report = on_report
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.on_report(rewrite.rewrite(graph, self.config, self.params))
+
+    def uuid(self) -> bytes:
+        extra = f"{self.config.cache_key()}|{sorted(self.params.items())}"
+        return get_hash_for_files(_SOURCES, extra)
+
+
+def _log_report(graph_report: GraphReport) -> None:
+    log.info("%s", graph_report)
+
+
+def compile_graph(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: QuartetConfig,
+    on_report: Callable[[GraphReport], None] = _log_report,
+    config_patches: dict[str, Any] | None = None,
+) -> Callable[..., Any]:
+    """Compile a Dynamo graph with Inductor and the quartet2 pass on its AOTAutograd graphs."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params = {
+        i: _source_name(node)
+        for i, (node, x) in enumerate(zip(placeholders, example_inputs, strict=True))
+        if isinstance(x, torch.nn.Parameter)
+    }
+    reports: list[GraphReport] = []
+
+    def record(graph_report: GraphReport) -> None:
+        reports.append(graph_report)
+        on_report(graph_report)
+
+    patches = {
+        **(config_patches or {}),
+        "joint_custom_pre_pass": QuartetPass(config, params, record),
+    }
+    inner = {} if config.inductor else {"inner_compile": _run_eagerly}
+    compiled = compile_fx(gm, example_inputs, config_patches=patches, **inner)
+    if not reports:
+        log.info(
+            "quartet2: a graph was loaded from Inductor's cache, so its report was not redone "
+            "(options={'force_disable_caches': True} shows it)"
+        )
+    return compiled
+
+
+def _run_eagerly(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Any:
+    """Inductor's inner compiler replaced by the graph itself (AOTAutograd's boxed calling)."""
+    return make_boxed_func(gm.forward)
+
+
+def _source_name(node: torch.fx.Node) -> str:
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    return (
+        match.dotted(source.name) if isinstance(getattr(source, "name", None), str) else node.name
     )
+
+
+def _is_inductor(key: str) -> bool:
+    """Whether ``key`` names an Inductor config entry (dotted for nested ones)."""
+    return key in torch._inductor.config._config
+
+
+def _is_inductor(key: str) -> bool:
+    """Whether ``key`` names an Inductor config entry (dotted for nested ones)."""
+    return key in torch._inductor.config._config
+
+
+def quartet2(
+    gm: torch.fx.GraphModule,
+    example_inputs: list[Any],
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Callable[..., Any]:
+    """torch.compile backend: ``torch.compile(model, backend="quartet2", options={...})``.
+
+    Options are QuartetConfig fields (or ``config=QuartetConfig(...)``); Inductor config keys
+    among them, and ``mode`` (e.g. "max-autotune"), go to Inductor. Unknown keys raise.
+    """
+    options = {**(options or {}), **kwargs}
+    inductor_options = {
+        k: v
+        for k, v in options.items()
+        if k not in QuartetConfig.option_names() and _is_inductor(k)
+    }
+    if mode is not None:
+        inductor_options = {**torch._inductor.list_mode_options(mode), **inductor_options}
+    config = QuartetConfig.from_options(
+        {k: v for k, v in options.items() if k not in inductor_options}
+    )
+    return compile_graph(gm, example_inputs, config, config_patches=inductor_options)

@@ -20,6 +20,8 @@ class QuartetConfig:
         whose linears stay in high precision; by default the output projection.
     forward / backward: which matmuls to rewrite.
     min_dim: K and N below this stay in high precision (tiny layers gain nothing).
+    inductor: False runs the rewritten AOTAutograd graphs eagerly instead of generating code
+        (like backend="aot_eager"): to debug the pass apart from Inductor, and for fast CPU tests.
     """
 
     four_over_six: bool = True
@@ -28,6 +30,7 @@ class QuartetConfig:
     forward: bool = True
     backward: bool = True
     min_dim: int = 128
+    inductor: bool = True
 
     def __post_init__(self) -> None:
         if self.backward_method not in BACKWARD_METHODS:
@@ -47,15 +50,20 @@ class QuartetConfig:
         config = options.pop("config", None)
         if config is not None and not isinstance(config, QuartetConfig):
             raise TypeError(f"options['config'] must be a QuartetConfig, got {type(config)}")
-        valid = {f.name for f in dataclasses.fields(cls)}
+        valid = set(cls.option_names())
         unknown = sorted(set(options) - valid)
         if unknown:
             raise ValueError(
                 f"unknown quartet2 option(s) {unknown}; valid options are {sorted(valid)} "
-                f"(or config=QuartetConfig(...))"
+                "(or config=QuartetConfig(...)); torch._inductor.config keys go to Inductor"
             )
         base = config or cls()
         return dataclasses.replace(base, **options)
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The keys from_options accepts besides ``config``."""
+        return tuple(f.name for f in dataclasses.fields(cls))
 
     def cache_key(self) -> str:
         """Stable text for Inductor's cache key (CustomGraphPass.uuid)."""

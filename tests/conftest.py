@@ -1,4 +1,5 @@
-"""Shared pytest set-up: ``gpu`` tests run only where CUDA is present."""
+"""Shared pytest set-up: ``gpu`` tests run only where CUDA is present; every test compiles from
+a clean Dynamo state, so recompile limits and compile counters are per test."""
 
 import os
 
@@ -19,3 +20,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()

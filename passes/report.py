@@ -1,0 +1,143 @@
+"""What the quartet2 pass did to one graph, and a stable readable printout of a graph.
+
+The report is what users read (logged at INFO under ``quartet_compile``, returned by
+``quartet_compile.explain``) and what tests snapshot, so its text has no addresses or ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+REWRITTEN = "nvfp4"
+ROLES = ("forward", "grad_input", "grad_weight")
+
+
+@dataclass
+class LinearReport:
+    """One linear layer: ``x[T, K] @ W[N, K].T``; per role "nvfp4" or why it stayed as it was."""
+
+    module: str
+    weight: str
+    t: int | str
+    k: int | str
+    n: int | str
+    dtype: str
+    bias: bool
+    forward: str = ""
+    grad_input: str = ""
+    grad_weight: str = ""
+
+    def rewritten(self) -> int:
+        return sum(getattr(self, role) == REWRITTEN for role in ROLES)
+
+    def __str__(self) -> str:
+        own = ".".join(filter(None, (self.module, "weight")))
+        weight = "W" if self.weight == own else self.weight
+        head = (
+            f"{self.module or '<root>'}: x[{self.t}, {self.k}] @ {weight}[{self.n}, {self.k}].T"
+            f"{' + bias' if self.bias else ''} ({self.dtype})"
+        )
+        statuses = [getattr(self, role) for role in ROLES]
+        if len(set(statuses)) == 1:
+            return f"{head}\n    all: {statuses[0]}"
+        roles = "; ".join(
+            f"{r.replace('_', '-')}: {s}" for r, s in zip(ROLES, statuses, strict=True)
+        )
+        return f"{head}\n    {roles}"
+
+
+@dataclass
+class OtherReport:
+    """A matmul that belongs to no linear layer (e.g. attention scores)."""
+
+    node: str
+    module: str
+    shape: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f" in {self.module}" if self.module else ""
+        return f"{self.node}{where} {self.shape}: {self.reason}"
+
+
+@dataclass
+class GraphReport:
+    """The pass's result on one AOTAutograd graph (joint or forward-only)."""
+
+    kind: str
+    linears: list[LinearReport] = field(default_factory=list)
+    others: list[OtherReport] = field(default_factory=list)
+    graph: str = ""  # format_graph() of the rewritten graph, for snapshots and debugging
+
+    def rewritten(self) -> int:
+        return sum(lin.rewritten() for lin in self.linears)
+
+    def __str__(self) -> str:
+        lines = [
+            f"quartet2: {self.kind} graph, {len(self.linears)} linear layer(s), "
+            f"{self.rewritten()} matmul(s) rewritten to NVFP4"
+        ]
+        lines += [f"  {lin}" for lin in self.linears]
+        if self.others:
+            lines.append("  other matmuls (left as they were):")
+            lines += [f"    {other}" for other in self.others]
+        return "\n".join(lines)
+
+
+@dataclass
+class Report:
+    """All graphs compiled for one model (several when Dynamo breaks the graph)."""
+
+    graphs: list[GraphReport] = field(default_factory=list)
+
+    def rewritten(self) -> int:
+        return sum(g.rewritten() for g in self.graphs)
+
+    def __str__(self) -> str:
+        if not self.graphs:
+            return "quartet2: no graph was compiled"
+        return "\n".join(str(g) for g in self.graphs)
+
+
+def _format_arg(arg: object) -> str:
+    if isinstance(arg, fx.Node):
+        return f"%{arg.name}"
+    if isinstance(arg, (list, tuple)):
+        return "[" + ", ".join(_format_arg(a) for a in arg) + "]"
+    if isinstance(arg, torch.dtype):
+        return str(arg).removeprefix("torch.")
+    return repr(arg) if isinstance(arg, str) else str(arg)
+
+
+def _format_val(val: object) -> str:
+    if isinstance(val, torch.Tensor):
+        return f"{str(val.dtype).removeprefix('torch.')}[{', '.join(str(s) for s in val.shape)}]"
+    if isinstance(val, (list, tuple)):
+        return "(" + ", ".join(_format_val(v) for v in val) + ")"
+    return ""
+
+
+def format_graph(graph: fx.Graph) -> str:
+    """One line per node: ``%name: dtype[shape] = op(args)``; stable across runs."""
+    lines = []
+    for node in graph.nodes:
+        args = [_format_arg(a) for a in node.args]
+        args += [f"{k}={_format_arg(v)}" for k, v in node.kwargs.items()]
+        if node.op == "placeholder":
+            lines.append(f"%{node.name}: {_format_val(node.meta.get('val'))} = input")
+        elif node.op == "output":
+            lines.append(f"return {', '.join(args)}")
+        else:
+            target = (
+                getattr(node.target, "__name__", None)
+                if callable(node.target) and not isinstance(node.target, torch._ops.OpOverload)
+                else str(node.target)
+            )
+            target = target.removeprefix("aten.").removeprefix("torch.ops.")
+            lines.append(
+                f"%{node.name}: {_format_val(node.meta.get('val'))} = {target}({', '.join(args)})"
+            )
+    return "\n".join(lines)

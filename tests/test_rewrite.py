@@ -1,0 +1,50 @@
+"""Pieces of the pass that the end-to-end tests cannot reach on a CPU machine."""
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from quartet_compile.passes.match import dotted, resolve
+from quartet_compile.passes.rewrite import inline_body
+
+q2 = torch.ops.quartet2
+
+
+def test_inline_body_replaces_op_calls_by_their_traced_bodies() -> None:
+    """The CUDA path inlines each quartet2 op's body (its Triton kernels there); on CPU the same
+    machinery inlines the reference body, which must compute exactly what the op computes."""
+
+    def program(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xq = q2.quantize_fwd(x, x.abs().amax(), True)
+        wq = q2.quantize_fwd(w, w.abs().amax(), True)
+        return q2.gemm(*xq, *wq, torch.float32)
+
+    x, w = torch.randn(128, 128), torch.randn(256, 128)
+    gm = make_fx(program, tracing_mode="fake")(x, w)
+    fake_mode = detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"])
+    for node in [n for n in gm.graph.nodes if str(n.target).startswith("quartet2.")]:
+        inline_body(gm.graph, node, fake_mode)
+    gm.graph.lint()
+    gm.recompile()
+    assert not [n for n in gm.graph.nodes if str(n.target).startswith("quartet2.")]
+    assert all("val" in n.meta for n in gm.graph.nodes if n.op == "call_function")
+    torch.testing.assert_close(gm(x, w), program(x, w), rtol=0, atol=0)
+
+
+def test_resolve_follows_layout_ops_to_the_parameter() -> None:
+    def program(w: torch.Tensor) -> torch.Tensor:
+        return w.to(torch.bfloat16).t().unsqueeze(0).permute(0, 2, 1).view(1, 256, 128)
+
+    gm = make_fx(program, tracing_mode="fake")(torch.randn(256, 128))
+    weight = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    operand = resolve(out)
+    assert operand.root is weight and operand.labels == (None, 0, 1)
+
+
+def test_dotted_names() -> None:
+    assert dotted("L['self']._modules['layers']._modules['0']._parameters['weight']") == (
+        "layers.0.weight"
+    )
+    assert dotted("L['self'].layers.0.attn.q_proj") == "layers.0.attn.q_proj"
+    assert dotted("L['self'].blocks[3].fc") == "blocks.3.fc"
