@@ -115,11 +115,6 @@ def _is_inductor(key: str) -> bool:
     return key in torch._inductor.config._config
 
 
-def _is_inductor(key: str) -> bool:
-    """Whether ``key`` names an Inductor config entry (dotted for nested ones)."""
-    return key in torch._inductor.config._config
-
-
 def quartet2(
     gm: torch.fx.GraphModule,
     example_inputs: list[Any],
