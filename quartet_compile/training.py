@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,7 +162,6 @@ def _train(config: TrainConfig, device: torch.device) -> TrainResult:
     val_batches = corpus.eval_batches(
         data.val, config.batch_size, config.seq_len, config.eval_batches
     )
-
     torch.manual_seed(config.seed)
     model = Llama(config.model).to(device)
     optimizer = make_optimizer(model, config)
@@ -171,40 +170,24 @@ def _train(config: TrainConfig, device: torch.device) -> TrainResult:
     start_step, elapsed_before = (
         load_checkpoint(out_dir, config, model, optimizer) if config.resume else (0, 0.0)
     )
+    last_step = min(config.steps, config.stop_step or config.steps)
+    if start_step >= last_step:
+        raise ValueError(f"--resume: the checkpoint is already at step {start_step} of {last_step}")
     log = CsvLog(out_dir / LOG_NAME, keep_through_step=start_step)
-    compiled = compile_model(model, config.backend)
-
-    def forward_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = compiled(inputs.to(device, non_blocking=True))
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten())
-
-    @torch.no_grad()
-    def validation_loss() -> float:
-        losses = [forward_loss(inputs, targets) for inputs, targets in val_batches]
-        return torch.stack(losses).mean().item()
+    loss_fn = next_byte_loss(compile_model(model, config.backend), device)
 
     tokens_per_step = config.batch_size * config.seq_len
-    last_step = min(config.steps, config.stop_step or config.steps)
     session_start = time.perf_counter()
     train_time, timed_steps = 0.0, 0
-    step, train_loss, val_loss = start_step, math.nan, math.nan
-    bar = tqdm(
-        total=config.steps,
-        initial=step,
-        disable=not config.progress,
-        desc=config.backend,
-        dynamic_ncols=True,
-    )
+    step, val_loss = start_step, math.nan
+    bar = tqdm(total=config.steps, initial=step, disable=not config.progress, desc=config.backend)
     while step < last_step:
         step += 1
         step_start = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        inputs, targets = corpus.train_batch(
-            data.train, config.batch_size, config.seq_len, config.seed, step
-        )
-        loss = forward_loss(inputs, targets)
+        batch = corpus.train_batch(data.train, config.batch_size, config.seq_len, config.seed, step)
+        loss = loss_fn(*batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
@@ -214,14 +197,12 @@ def _train(config: TrainConfig, device: torch.device) -> TrainResult:
             train_time += time.perf_counter() - step_start
             timed_steps += 1
 
-        out_of_time = (
-            config.max_minutes is not None
-            and time.perf_counter() - session_start > 60 * config.max_minutes
-        )
+        session_time = time.perf_counter() - session_start
+        out_of_time = config.max_minutes is not None and session_time > 60 * config.max_minutes
         final = step == last_step or out_of_time
         evaluated = step % config.eval_every == 0 or final
         if evaluated:
-            val_loss = validation_loss()
+            val_loss = evaluate(loss_fn, val_batches)
         elapsed = elapsed_before + time.perf_counter() - session_start
         log.write(
             step, step * tokens_per_step, train_loss, val_loss if evaluated else None, elapsed
@@ -244,6 +225,28 @@ def _train(config: TrainConfig, device: torch.device) -> TrainResult:
     )
     (out_dir / SUMMARY_NAME).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
     return result
+
+
+def next_byte_loss(
+    model: torch.nn.Module, device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Mean cross-entropy of ``model`` under BF16 autocast, logits upcast for the softmax."""
+
+    def loss_fn(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(inputs.to(device))
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten())
+
+    return loss_fn
+
+
+@torch.no_grad()
+def evaluate(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+) -> float:
+    """Mean loss over fixed batches (equal sizes, so the mean of means is the token mean)."""
+    return torch.stack([loss_fn(inputs, targets) for inputs, targets in batches]).mean().item()
 
 
 class CsvLog:
