@@ -15,17 +15,7 @@ from quartet_compile.models.llama import LlamaConfig
 from quartet_compile.training import BACKENDS, TrainConfig, train
 
 PRESETS: dict[str, TrainConfig] = {
-    "tiny": TrainConfig(
-        model=LlamaConfig(d_model=128, n_layers=2, n_heads=4, ffn_hidden=384, max_seq_len=128),
-        steps=300,
-        batch_size=16,
-        seq_len=128,
-        lr=3e-3,
-        warmup_steps=30,
-        eval_every=50,
-        save_every=50,
-        eval_batches=8,
-    ),
+    "tiny": TrainConfig(),  # the defaults: 0.5M parameters, a laptop CPU
     "small": TrainConfig(
         model=LlamaConfig(d_model=512, n_layers=10, n_heads=8, ffn_hidden=1536, max_seq_len=512),
         steps=2000,

@@ -45,7 +45,10 @@ SUMMARY_NAME = "summary.json"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. Fields after ``out_dir`` only steer this invocation, not the curve."""
+    """One training run; the defaults are the demo's tiny CPU preset.
+
+    Fields after ``out_dir`` only steer this invocation, not the loss curve.
+    """
 
     model: LlamaConfig = field(default_factory=LlamaConfig)
     backend: str = "bf16"

@@ -19,14 +19,14 @@ NVFP4_MULTIPLE = 128
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """Shape of the model; ``ffn_hidden`` is the SwiGLU inner width."""
+    """Shape of the model (defaults: the demo's tiny preset); ``ffn_hidden`` is the SwiGLU width."""
 
     vocab_size: int = 256
     d_model: int = 128
     n_layers: int = 2
     n_heads: int = 4
     ffn_hidden: int = 384
-    max_seq_len: int = 256
+    max_seq_len: int = 128
     rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
