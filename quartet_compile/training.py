@@ -57,7 +57,7 @@ class TrainConfig:
     seq_len: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_fraction: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
@@ -77,8 +77,12 @@ class TrainConfig:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {self.backend!r}")
         if self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len} exceeds max_seq_len={self.model.max_seq_len}")
-        if self.steps < 1 or self.warmup_steps < 0 or self.eval_every < 1:
-            raise ValueError("steps and eval_every must be >= 1, warmup_steps >= 0")
+        if self.steps < 1 or self.eval_every < 1 or not 0 <= self.warmup_fraction < 1:
+            raise ValueError("steps and eval_every must be >= 1, warmup_fraction in [0, 1)")
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.warmup_fraction * self.steps)
 
     def curve_fields(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpointed one."""
@@ -108,9 +112,10 @@ class TrainResult:
 
 def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warmup to ``lr`` over ``warmup_steps``, then cosine down to ``lr * min_lr_ratio``."""
-    if step <= config.warmup_steps:
-        return config.lr * step / max(config.warmup_steps, 1)
-    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    warmup = config.warmup_steps
+    if step <= warmup:
+        return config.lr * step / max(warmup, 1)
+    progress = (step - warmup) / max(config.steps - warmup, 1)
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 

@@ -33,8 +33,8 @@ from quartet_compile.training import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 24
-EVAL_EVERY = 8
+STEPS = 12
+EVAL_EVERY = 4
 BATCH, SEQ = 8, 128
 # The tiny preset, shortened: enough steps for the loss to fall well below ln(256) = 5.55.
 ARGS = [
