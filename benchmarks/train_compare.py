@@ -1,0 +1,240 @@
+"""Train the demo Llama with bf16, quartet2 and sr-recipe on one GPU and compare the loss curves.
+
+Each backend runs in its own process with the same seed, data order and learning-rate schedule
+(``--steps`` sets its horizon), stopped by a wall-clock budget that includes compilation. The
+first backend to run (quartet2, expected slowest) fixes how many steps the others run, so every
+curve covers the same tokens; the table compares validation loss at the last step all reached.
+
+Writes docs/loss_curves.png and the "## Training comparison" section of benchmarks/RESULTS.md.
+Example (one ~9-minute device call):
+``python benchmarks/train_compare.py --minutes-per-backend 2.5``
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quartet_compile.demo import PRESETS
+from quartet_compile.training import BACKENDS, LOG_NAME, SUMMARY_NAME
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "## Training comparison"
+
+
+@dataclass
+class Run:
+    """One backend's outcome: its validation curve (step -> (tokens, loss)) and throughput."""
+
+    backend: str
+    val: dict[int, tuple[int, float]]
+    tokens_per_s: float
+    error: str | None = None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=list(PRESETS), default="small")
+    parser.add_argument(
+        "--backends", nargs="+", choices=list(BACKENDS), default=["quartet2", "sr-recipe", "bf16"]
+    )
+    parser.add_argument(
+        "--minutes-per-backend",
+        type=float,
+        default=2.5,
+        help="wall-clock budget of each run, compilation included",
+    )
+    parser.add_argument("--steps", type=int, help="schedule horizon (default: the preset's)")
+    parser.add_argument("--eval-every", type=int, help="default: the preset's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "train_compare")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "loss_curves.png")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    return parser.parse_args(argv)
+
+
+def run_backend(args: argparse.Namespace, backend: str, stop_step: int | None) -> Run:
+    """Train one backend in a fresh process (own compile caches and GPU memory)."""
+    out = args.runs_dir / backend
+    command = [
+        sys.executable,
+        "-m",
+        "quartet_compile.demo",
+        "--backend",
+        backend,
+        "--preset",
+        args.preset,
+        "--seed",
+        str(args.seed),
+        "--out",
+        str(out),
+        "--max-minutes",
+        str(args.minutes_per_backend),
+        "--save-every",
+        "0",
+        "--no-progress",
+    ]
+    for flag, value in (
+        ("--steps", args.steps),
+        ("--eval-every", args.eval_every),
+        ("--stop-step", stop_step),
+    ):
+        if value is not None:
+            command += [flag, str(value)]
+    print("$", " ".join(command), flush=True)
+    # Grace beyond the budget for start-up, the final evaluation and the checkpoint.
+    timeout = 60 * args.minutes_per_backend + 120
+    try:
+        completed = subprocess.run(
+            command, cwd=ROOT, stderr=subprocess.PIPE, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return Run(backend, {}, math.nan, error=f"killed after {timeout:.0f}s")
+    if completed.returncode != 0:
+        tail = completed.stderr.strip().splitlines()[-1:] or ["no output"]
+        print(completed.stderr[-4000:], file=sys.stderr)
+        return Run(backend, {}, math.nan, error=f"exit {completed.returncode}: {tail[0]}")
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    return Run(backend, read_val_curve(out / LOG_NAME), summary["tokens_per_s"])
+
+
+def read_val_curve(path: Path) -> dict[int, tuple[int, float]]:
+    with path.open(newline="") as f:
+        return {
+            int(row["step"]): (int(row["tokens"]), float(row["val_loss"]))
+            for row in csv.DictReader(f)
+            if row["val_loss"]
+        }
+
+
+def common_step(runs: list[Run]) -> int | None:
+    """The last step at which every successful run has a validation loss."""
+    curves = [set(run.val) for run in runs if run.error is None]
+    shared = set.intersection(*curves) if curves else set()
+    return max(shared, default=None)
+
+
+def plot(runs: list[Run], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        if run.val:
+            steps = sorted(run.val)
+            ax.plot(
+                [run.val[s][0] / 1e6 for s in steps],
+                [run.val[s][1] for s in steps],
+                marker=".",
+                label=run.backend,
+            )
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def results_section(runs: list[Run], args: argparse.Namespace, device: str) -> str:
+    """Markdown for the RESULTS.md section: setup, table and the claim's verdict."""
+    step = common_step(runs)
+    by_name = {run.backend: run for run in runs}
+    tokens = next((run.val[step][0] for run in runs if step in run.val), None)
+
+    def loss_at(name: str) -> float:
+        run = by_name.get(name)
+        return run.val[step][1] if run and step in run.val else math.nan
+
+    bf16 = loss_at("bf16")
+    lines = [
+        SECTION,
+        "",
+        f"`python benchmarks/train_compare.py --preset {args.preset} --minutes-per-backend "
+        f"{args.minutes_per_backend}` on {device}, torch {torch.__version__}; seed {args.seed} for "
+        f"every backend (same init, data order and LR schedule). Validation loss is compared at "
+        f"step {step}, the last one all backends reached"
+        + (f" ({tokens:,} tokens)." if tokens else "."),
+        "",
+        "| backend | val loss | gap to BF16 | tokens/s | steps run | seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        if run.error:
+            lines.append(f"| {run.backend} | failed: {run.error} | | | | {args.seed} |")
+            continue
+        loss = loss_at(run.backend)
+        gap = loss - bf16
+        lines.append(
+            f"| {run.backend} | {loss:.4f} | {gap:+.4f} ({100 * gap / bf16:+.2f}%) | "
+            f"{run.tokens_per_s:,.0f} | {max(run.val)} | {args.seed} |"
+        )
+    gaps = {name: loss_at(name) - bf16 for name in ("quartet2", "sr-recipe")}
+    if not any(math.isnan(gap) for gap in gaps.values()):
+        holds = gaps["quartet2"] < gaps["sr-recipe"]
+        lines += [
+            "",
+            f"Claim \"quartet2's gap to BF16 is smaller than sr-recipe's\": "
+            f"{'holds' if holds else 'does not hold'} here ({gaps['quartet2']:+.4f} vs "
+            f"{gaps['sr-recipe']:+.4f}); one seed, so differences of a few 1e-3 are noise.",
+        ]
+    image = os.path.relpath(args.plot.resolve(), args.results.resolve().parent)
+    lines += ["", f"![validation loss vs tokens]({image})", ""]
+    return "\n".join(lines)
+
+
+def replace_section(path: Path, section: str) -> None:
+    """Put ``section`` in place of the file's existing one (up to the next ``## ``), or append."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    lines = text.splitlines()
+    if SECTION in lines:
+        start = lines.index(SECTION)
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        lines[start:end] = section.splitlines()
+    else:
+        lines += [""] + section.splitlines()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    if device == "CPU":
+        print("warning: no CUDA device; this comparison is meant for a GPU", file=sys.stderr)
+    runs: list[Run] = []
+    stop_step = None
+    for backend in args.backends:
+        run = run_backend(args, backend, stop_step)
+        runs.append(run)
+        if run.val:
+            stop_step = min(max(run.val), stop_step or max(run.val))
+        print(
+            f"[{backend}] {run.error or f'{max(run.val)} steps, {run.tokens_per_s:,.0f} tok/s'}",
+            flush=True,
+        )
+        # Written after every backend, so a run cut short still leaves its results behind.
+        plot(runs, args.plot, f"{args.preset} preset, seed {args.seed}, {device}")
+        section = results_section(runs, args, device)
+        replace_section(args.results, section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
