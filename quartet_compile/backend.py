@@ -24,6 +24,7 @@ import torch
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from quartet_compile import config as config_module
 from quartet_compile import kernels, nvfp4, ops, passes
@@ -76,7 +77,7 @@ def compile_graph(
     params = {
         i: _source_name(node)
         for i, (node, x) in enumerate(zip(placeholders, example_inputs, strict=True))
-        if isinstance(x, torch.nn.Parameter)
+        if isinstance(x, torch.nn.Parameter) and not _is_sharded(node, x)
     }
     reports: list[GraphReport] = []
 
@@ -96,6 +97,22 @@ def compile_graph(
             "(options={'force_disable_caches': True} shows it)"
         )
     return compiled
+
+
+def _is_sharded(node: torch.fx.Node, x: torch.Tensor) -> bool:
+    """A tensor-subclass parameter (FSDP2's sharded DTensor): AOTAutograd would hand the pass its
+    local shard, whose NVFP4 groups need not run along the true K, so it is not a weight here."""
+    if not is_traceable_wrapper_subclass(x):
+        return False
+    log.warning(
+        "quartet2: parameter %s reached the graph as %s %s, not a plain tensor; its matmuls stay "
+        "in high precision (with FSDP2 the weights must arrive all-gathered: keep Dynamo's "
+        "skip_fsdp_hooks on)",
+        _source_name(node),
+        type(x).__name__,
+        getattr(x, "placements", ""),
+    )
+    return True
 
 
 def _run_eagerly(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Any:

@@ -2,7 +2,8 @@
 
 The one line that changes between backends is the ``torch.compile`` call (see
 ``quartet_compile.training.BACKENDS``). ``--preset tiny`` runs on a laptop CPU in about a minute;
-``small`` (~34M parameters) and ``medium`` (~85M) are for a GPU.
+``small`` (~34M parameters) and ``medium`` (~85M) are for a GPU. Several GPUs:
+``torchrun --nproc-per-node 2 -m quartet_compile.demo --distributed ddp`` (or ``fsdp2``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from quartet_compile import distributed
 from quartet_compile.models.llama import LlamaConfig
 from quartet_compile.training import BACKENDS, TrainConfig, train
 
@@ -63,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(
             "--" + name.replace("_", "-"), type=kind, help=f"{help_text}; default: the preset's"
         )
+    parser.add_argument(
+        "--distributed",
+        choices=distributed.MODES,
+        default="none",
+        help="data parallelism under torchrun: DDP, or FSDP2 (fully_shard); --batch-size is the "
+        "global batch, split over the ranks (default: none)",
+    )
     parser.add_argument("--out", type=Path, help="output directory (default: runs/PRESET-BACKEND)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -80,6 +89,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         out_dir=args.out or Path("runs") / f"{args.preset}-{args.backend}",
         resume=args.resume,
         progress=not args.no_progress,
+        distributed=args.distributed,
         **overrides,
     )
 
@@ -88,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     """Run the demo from command-line arguments and print the summary line."""
     config = config_from_args(parse_args(argv))
     result = train(config)
-    print(f"[{config.backend}] {result.summary()}  (log: {config.out_dir}/log.csv)")
+    if distributed.is_main_process():
+        print(f"[{config.backend}] {result.summary()}  (log: {config.out_dir}/log.csv)")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from quartet_compile import corpus
+from quartet_compile import distributed as dist_training
+from quartet_compile.distributed import SINGLE_PROCESS, World
 from quartet_compile.models.llama import Llama, LlamaConfig
 
 # torch.compile arguments of each backend the demo compares; all run under BF16 autocast with
@@ -71,6 +73,7 @@ class TrainConfig:
     max_minutes: float | None = None
     device: str | None = None
     progress: bool = True
+    distributed: str = "none"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -79,6 +82,10 @@ class TrainConfig:
             raise ValueError(f"seq_len={self.seq_len} exceeds max_seq_len={self.model.max_seq_len}")
         if self.steps < 1 or self.eval_every < 1 or not 0 <= self.warmup_fraction < 1:
             raise ValueError("steps and eval_every must be >= 1, warmup_fraction in [0, 1)")
+        if self.distributed not in dist_training.MODES:
+            raise ValueError(
+                f"distributed must be one of {dist_training.MODES}, got {self.distributed!r}"
+            )
 
     @property
     def warmup_steps(self) -> int:
@@ -101,6 +108,7 @@ class TrainResult:
     val_loss: float
     tokens_per_s: float
     elapsed: float
+    peak_memory_gib: tuple[float, ...] = ()  # per rank, CUDA only (max_memory_allocated)
 
     def summary(self) -> str:
         return (
@@ -159,48 +167,69 @@ def deterministic_on_cpu(device: torch.device) -> Iterator[None]:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train (or resume) one run; writes ``log.csv``, ``checkpoint.pt`` and ``summary.json``."""
+    """Train (or resume) one run; writes ``log.csv``, ``checkpoint.pt`` and ``summary.json``.
+
+    With ``distributed`` "ddp" or "fsdp2" (under torchrun) every rank trains on its slice of the
+    global ``batch_size``; rank 0 alone writes the files and shows progress.
+    """
     device = pick_device(config.device)
-    with deterministic_on_cpu(device):
-        return _train(config, device)
+    world = dist_training.init(config.distributed, device.type)
+    try:
+        with deterministic_on_cpu(device):
+            return _train(config, dist_training.device_of(world, device), world)
+    finally:
+        dist_training.shutdown(world)
 
 
-def _train(config: TrainConfig, device: torch.device) -> TrainResult:
+def _train(config: TrainConfig, device: torch.device, world: World) -> TrainResult:
     data = corpus.load_corpus(config.val_fraction)
-    val_batches = corpus.eval_batches(
-        data.val, config.batch_size, config.seq_len, config.eval_batches
-    )
+    val_batches = [
+        dist_training.local_rows(batch, world)
+        for batch in corpus.eval_batches(
+            data.val, config.batch_size, config.seq_len, config.eval_batches
+        )
+    ]
     torch.manual_seed(config.seed)
     model = Llama(config.model).to(device)
+    if world.distributed:
+        # Same weights on every rank, independent backward randomness (random signs, stochastic
+        # scale rounding) per rank: the averaged gradient then averages independent estimates.
+        torch.manual_seed(config.seed + 1 + world.rank)
+    wrapped = dist_training.wrap(model, world)
     optimizer = make_optimizer(model, config)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start_step, elapsed_before = (
-        load_checkpoint(out_dir, config, model, optimizer) if config.resume else (0, 0.0)
+        load_checkpoint(out_dir, config, model, optimizer, world) if config.resume else (0, 0.0)
     )
     last_step = min(config.steps, config.stop_step or config.steps)
     if start_step >= last_step:
         raise ValueError(f"--resume: the checkpoint is already at step {start_step} of {last_step}")
-    log = CsvLog(out_dir / LOG_NAME, keep_through_step=start_step)
-    loss_fn = next_byte_loss(compile_model(model, config.backend), device)
+    log = CsvLog(out_dir / LOG_NAME, keep_through_step=start_step) if world.is_main else None
+    loss_fn = next_byte_loss(compile_model(wrapped, config.backend), device)
 
     tokens_per_step = config.batch_size * config.seq_len
     session_start = time.perf_counter()
     train_time, timed_steps = 0.0, 0
     step, val_loss = start_step, math.nan
-    bar = tqdm(total=config.steps, initial=step, disable=not config.progress, desc=config.backend)
+    bar = tqdm(
+        total=config.steps,
+        initial=step,
+        disable=not (config.progress and world.is_main),
+        desc=config.backend,
+    )
     while step < last_step:
         step += 1
         step_start = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
         batch = corpus.train_batch(data.train, config.batch_size, config.seq_len, config.seed, step)
-        loss = loss_fn(*batch)
+        loss = loss_fn(*dist_training.local_rows(batch, world))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_loss = loss.item()
+        train_loss = dist_training.mean(loss, world)
         if step > start_step + 1:  # the first step of a session includes compilation
             train_time += time.perf_counter() - step_start
             timed_steps += 1
@@ -210,19 +239,21 @@ def _train(config: TrainConfig, device: torch.device) -> TrainResult:
         final = step == last_step or out_of_time
         evaluated = step % config.eval_every == 0 or final
         if evaluated:
-            val_loss = evaluate(loss_fn, val_batches)
+            val_loss = evaluate(loss_fn, val_batches, world)
         elapsed = elapsed_before + time.perf_counter() - session_start
-        log.write(
-            step, step * tokens_per_step, train_loss, val_loss if evaluated else None, elapsed
-        )
+        if log is not None:
+            log.write(
+                step, step * tokens_per_step, train_loss, val_loss if evaluated else None, elapsed
+            )
         if final or (config.save_every and step % config.save_every == 0):
-            save_checkpoint(out_dir, config, model, optimizer, step, elapsed)
+            save_checkpoint(out_dir, config, model, optimizer, step, elapsed, world)
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
         if out_of_time:
             break
     bar.close()
-    log.close()
+    if log is not None:
+        log.close()
     result = TrainResult(
         step=step,
         tokens=step * tokens_per_step,
@@ -230,8 +261,11 @@ def _train(config: TrainConfig, device: torch.device) -> TrainResult:
         val_loss=val_loss,
         tokens_per_s=timed_steps * tokens_per_step / train_time if train_time else math.nan,
         elapsed=elapsed_before + time.perf_counter() - session_start,
+        peak_memory_gib=tuple(dist_training.gather(_peak_memory_gib(device), world)),
     )
-    (out_dir / SUMMARY_NAME).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+    if world.is_main:
+        summary = json.dumps(dataclasses.asdict(result), indent=2) + "\n"
+        (out_dir / SUMMARY_NAME).write_text(summary)
     return result
 
 
@@ -252,9 +286,11 @@ def next_byte_loss(
 def evaluate(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     batches: list[tuple[torch.Tensor, torch.Tensor]],
+    world: World = SINGLE_PROCESS,
 ) -> float:
-    """Mean loss over fixed batches (equal sizes, so the mean of means is the token mean)."""
-    return torch.stack([loss_fn(inputs, targets) for inputs, targets in batches]).mean().item()
+    """Mean loss over fixed batches and ranks (equal sizes: the mean of means is the token mean)."""
+    losses = torch.stack([loss_fn(inputs, targets) for inputs, targets in batches])
+    return dist_training.mean(losses.mean(), world)
 
 
 class CsvLog:
@@ -295,16 +331,24 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     step: int,
     elapsed: float,
+    world: World = SINGLE_PROCESS,
 ) -> None:
-    """Write ``checkpoint.pt`` atomically (a crash mid-save keeps the previous one)."""
+    """Write ``checkpoint.pt`` atomically (a crash mid-save keeps the previous one).
+
+    Every rank takes part (FSDP2 gathers its shards, each rank hands over its RNG state); rank 0
+    writes unsharded weights and optimizer moments and one RNG state per rank.
+    """
+    model_state, optimizer_state = dist_training.full_state(model, optimizer)
+    rng = dist_training.gather(_rng_state(), world)
+    if not world.is_main:
+        return
     state = {
         "step": step,
         "elapsed": elapsed,
         "config": config.curve_fields(),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "rng": rng,
     }
     tmp = out_dir / (CHECKPOINT_NAME + ".tmp")
     torch.save(state, tmp)
@@ -312,11 +356,16 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    out_dir: Path, config: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    out_dir: Path,
+    config: TrainConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    world: World = SINGLE_PROCESS,
 ) -> tuple[int, float]:
     """Restore weights, optimizer and RNG states; returns (step, elapsed) of the checkpoint.
 
-    Refuses a checkpoint whose curve-defining config differs from ``config``.
+    Every rank reads the file. Refuses a checkpoint whose curve-defining config differs from
+    ``config``, or one written by another number of ranks (its per-rank RNG states would not map).
     """
     path = out_dir / CHECKPOINT_NAME
     if not path.exists():
@@ -332,12 +381,35 @@ def load_checkpoint(
             f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items()
         )
         raise ValueError(f"--resume: {path} belongs to a different run ({details})")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    if len(state["rng"]) != world.size:
+        raise ValueError(
+            f"--resume: {path} was written by {len(state['rng'])} rank(s), this run has "
+            f"{world.size}; resume with the same --nproc-per-node"
+        )
+    dist_training.load_full_state(model, optimizer, state["model"], state["optimizer"])
+    _set_rng_state(state["rng"][world.rank])
     return state["step"], state["elapsed"]
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    """Peak memory the CUDA caching allocator handed out on ``device`` (NaN elsewhere)."""
+    if device.type != "cuda":
+        return math.nan
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states: CPU, and the current GPU's when there is one."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _plain(value: Any) -> Any:

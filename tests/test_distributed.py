@@ -1,0 +1,200 @@
+"""DDP and FSDP2 on CPU: 2 gloo processes against the single-process run of the same global batch.
+
+The point is the distributed plumbing, so the graphs run without Inductor's code generation:
+``bf16`` uses ``aot_eager`` and ``quartet2`` its ``inductor=False`` option (the same rewritten
+graphs, run eagerly). Tolerances: step-1 losses see the same weights and tokens, so they agree to
+float rounding (1e-5); later steps differ by the reduction order of the gradients (all-reduce,
+reduce-scatter) amplified by BF16 autocast, hence 2e-2. quartet2's forward is deterministic, but
+its per-tensor FP32 scale is an amax over the tokens it sees: a rank's step-1 loss equals the
+single-process loss of that rank's rows, not of the whole batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import pickle
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from quartet_compile import corpus, distributed, training
+from quartet_compile.explain import explain
+from quartet_compile.models.llama import Llama, LlamaConfig
+from quartet_compile.training import LOG_NAME, TrainConfig, next_byte_loss, train
+
+WORLD_SIZE = 2
+FAST_BACKENDS = {
+    "bf16": {"backend": "aot_eager"},
+    "quartet2": {"backend": "quartet2", "options": {"inductor": False}},
+}
+CONFIG = TrainConfig(
+    model=LlamaConfig(max_seq_len=64),
+    steps=4,
+    batch_size=8,
+    seq_len=64,
+    eval_every=2,
+    save_every=2,
+    eval_batches=1,
+    device="cpu",
+    progress=False,
+)
+LINEARS = {"attn.qkv", "attn.proj", "mlp.gate_up", "mlp.down"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, config: TrainConfig, explain_to: Path | None) -> None:
+    """One rank, in the environment torchrun would give it (one thread, as torchrun sets)."""
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD_SIZE),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    training.BACKENDS.update(FAST_BACKENDS)
+    train(config)
+    if explain_to is not None:
+        _explain_sharded(rank, config.distributed, explain_to)
+
+
+def _explain_sharded(rank: int, mode: str, path: Path) -> None:
+    """The pass's report on the wrapped model: DDP with small buckets (so DDPOptimizer splits the
+    graph), or FSDP2 as the demo shards it."""
+    world = distributed.init(mode, "cpu")
+    try:
+        torch.manual_seed(0)
+        model = Llama(CONFIG.model)
+        wrapped = (
+            DistributedDataParallel(model, bucket_cap_mb=1)
+            if mode == "ddp"
+            else distributed.wrap(model, world)
+        )
+        report = explain(wrapped, torch.randint(0, 256, (2, 64)), inductor=False)
+        if world.is_main:
+            path.write_bytes(pickle.dumps(report))
+    finally:
+        distributed.shutdown(world)
+
+
+def run_ranks(config: TrainConfig, explain_to: Path | None = None) -> None:
+    mp.spawn(_worker, args=(_free_port(), config, explain_to), nprocs=WORLD_SIZE, join=True)
+
+
+def losses(out: Path, column: str = "train_loss") -> list[float]:
+    with (out / LOG_NAME).open(newline="") as f:
+        return [float(row[column]) for row in csv.DictReader(f) if row[column]]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Output directories of the single-process and the 2-rank runs, trained once per module."""
+    outs: dict[str, Path] = {}
+    saved = dict(training.BACKENDS)
+    training.BACKENDS.update(FAST_BACKENDS)
+    try:
+        for backend in ("bf16", "quartet2"):
+            torch._dynamo.reset()
+            outs[f"none-{backend}"] = out = tmp_path_factory.mktemp(f"none-{backend}")
+            train(dataclasses.replace(CONFIG, backend=backend, out_dir=out))
+    finally:
+        training.BACKENDS.clear()
+        training.BACKENDS.update(saved)
+    for mode in ("ddp", "fsdp2"):
+        for backend in ("bf16", "quartet2"):
+            out = tmp_path_factory.mktemp(f"{mode}-{backend}")
+            config = dataclasses.replace(CONFIG, backend=backend, out_dir=out, distributed=mode)
+            run_ranks(config, out / "report.pkl" if backend == "quartet2" else None)
+            outs[f"{mode}-{backend}"] = out
+    return outs
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_bf16_matches_the_single_process_run(mode: str, runs: dict[str, Path]):
+    single, ranks = losses(runs["none-bf16"]), losses(runs[f"{mode}-bf16"])
+    assert len(ranks) == CONFIG.steps
+    assert ranks[0] == pytest.approx(single[0], abs=1e-5)
+    assert ranks == pytest.approx(single, abs=2e-2)
+    assert losses(runs[f"{mode}-bf16"], "val_loss") == pytest.approx(
+        losses(runs["none-bf16"], "val_loss"), abs=2e-2
+    )
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_quartet2_forward_is_the_mean_of_the_ranks_single_process_losses(
+    mode: str, runs: dict[str, Path]
+):
+    """Step 1: the mean over ranks of quartet2's loss on each rank's rows, computed here in one
+    process, is the distributed run's logged loss (same weights, same deterministic forward)."""
+    torch.manual_seed(CONFIG.seed)
+    model = Llama(CONFIG.model)
+    loss_fn = next_byte_loss(
+        torch.compile(model, backend="quartet2", options={"inductor": False}),
+        torch.device("cpu"),
+    )
+    data = corpus.load_corpus(CONFIG.val_fraction)
+    batch = corpus.train_batch(data.train, CONFIG.batch_size, CONFIG.seq_len, CONFIG.seed, 1)
+    with torch.no_grad():
+        per_rank = [
+            loss_fn(*distributed.local_rows(batch, distributed.World(mode, rank, WORLD_SIZE)))
+            for rank in range(WORLD_SIZE)
+        ]
+    expected = torch.stack(per_rank).mean().item()
+    assert losses(runs[f"{mode}-quartet2"])[0] == pytest.approx(expected, abs=1e-5)
+    # The whole batch's loss differs only through the per-tensor scales' amax.
+    assert losses(runs["none-quartet2"])[0] == pytest.approx(expected, abs=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("backend", ["bf16", "quartet2"])
+def test_distributed_runs_train(mode: str, backend: str, runs: dict[str, Path]):
+    curve = losses(runs[f"{mode}-{backend}"])
+    assert all(math.isfinite(loss) for loss in curve)
+    assert sum(curve[-2:]) / 2 < curve[0] - 0.5, curve
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_the_pass_quantizes_full_weights(mode: str, runs: dict[str, Path]):
+    """Every rewritten linear has its parameter's full [N, K]: FSDP2's weights arrive gathered,
+    DDP's split subgraphs still see them as parameters."""
+    report = pickle.loads((runs[f"{mode}-quartet2"] / "report.pkl").read_bytes())
+    full = {name: tuple(p.shape) for name, p in Llama(CONFIG.model).named_parameters()}
+    rewritten = {}
+    for graph in report.graphs:
+        for lin in graph.linears:
+            if lin.rewritten():
+                assert lin.rewritten() == 3, str(lin)
+                rewritten[lin.weight] = (int(lin.n), int(lin.k))
+    names = [name.removesuffix(".weight") for name in rewritten]
+    assert {layer for layer in LINEARS for name in names if name.endswith(layer)} == LINEARS
+    for weight, shape in rewritten.items():
+        matches = {s for name, s in full.items() if name.endswith(weight)}
+        assert matches == {shape}, (weight, shape, matches)
+    if mode == "ddp":
+        assert len(report.graphs) >= 2, "DDPOptimizer did not split the graph"
+        assert len(rewritten) == len(LINEARS) * CONFIG.model.n_layers
+
+
+def test_fsdp2_resume_reproduces_the_uninterrupted_run(runs: dict[str, Path], tmp_path: Path):
+    config = dataclasses.replace(CONFIG, out_dir=tmp_path, distributed="fsdp2")
+    run_ranks(dataclasses.replace(config, stop_step=CONFIG.save_every))
+    run_ranks(dataclasses.replace(config, resume=True))
+    assert losses(tmp_path) == losses(runs["fsdp2-bf16"])
+
+
+def test_resume_refuses_another_world_size(runs: dict[str, Path]):
+    config = dataclasses.replace(CONFIG, out_dir=runs["ddp-bf16"], resume=True)
+    with pytest.raises(ValueError, match="written by 2 rank"):
+        train(config)
