@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import math
 import os
 import pickle
@@ -22,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from quartet_compile import corpus, distributed, training
@@ -71,9 +74,12 @@ def _worker(rank: int, port: int, config: TrainConfig, explain_to: Path | None) 
 
 
 def _explain_sharded(rank: int, mode: str, path: Path) -> None:
-    """The pass's report on the wrapped model: DDP with small buckets (so DDPOptimizer splits the
-    graph), or FSDP2 as the demo shards it."""
+    """The pass's reports on the wrapped model (DDP with small buckets, so that DDPOptimizer
+    splits the graph, or FSDP2 as the demo shards it) and on a linear whose weight is a sharded
+    DTensor, with the warnings logged meanwhile."""
     world = distributed.init(mode, "cpu")
+    warnings = _Recorder()
+    logging.getLogger("quartet_compile").addHandler(warnings)
     try:
         torch.manual_seed(0)
         model = Llama(CONFIG.model)
@@ -83,10 +89,29 @@ def _explain_sharded(rank: int, mode: str, path: Path) -> None:
             else distributed.wrap(model, world)
         )
         report = explain(wrapped, torch.randint(0, 256, (2, 64)), inductor=False)
+        model_warnings, warnings.messages = warnings.messages, []
+        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        linear = torch.nn.Linear(256, 256, bias=False)
+        weight = distribute_tensor(linear.weight.detach(), mesh, [Shard(1)])
+        linear.weight = torch.nn.Parameter(weight)
+        x = DTensor.from_local(torch.randn(128, 256), mesh, [Replicate()])
+        sharded = explain(linear, x, inductor=False)
         if world.is_main:
-            path.write_bytes(pickle.dumps(report))
+            reports = (report, model_warnings, sharded, warnings.messages)
+            path.write_bytes(pickle.dumps(reports))
     finally:
         distributed.shutdown(world)
+
+
+class _Recorder(logging.Handler):
+    """Keeps the warnings the backend logs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def run_ranks(config: TrainConfig, explain_to: Path | None = None) -> None:
@@ -108,7 +133,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         for backend in ("bf16", "quartet2"):
             torch._dynamo.reset()
             outs[f"none-{backend}"] = out = tmp_path_factory.mktemp(f"none-{backend}")
-            train(dataclasses.replace(CONFIG, backend=backend, out_dir=out))
+            # quartet2's single-process run only serves its first step.
+            stop = 1 if backend == "quartet2" else None
+            train(dataclasses.replace(CONFIG, backend=backend, out_dir=out, stop_step=stop))
     finally:
         training.BACKENDS.clear()
         training.BACKENDS.update(saved)
@@ -169,7 +196,7 @@ def test_distributed_runs_train(mode: str, backend: str, runs: dict[str, Path]):
 def test_the_pass_quantizes_full_weights(mode: str, runs: dict[str, Path]):
     """Every rewritten linear has its parameter's full [N, K]: FSDP2's weights arrive gathered,
     DDP's split subgraphs still see them as parameters."""
-    report = pickle.loads((runs[f"{mode}-quartet2"] / "report.pkl").read_bytes())
+    report, warnings, _, _ = pickle.loads((runs[f"{mode}-quartet2"] / "report.pkl").read_bytes())
     full = {name: tuple(p.shape) for name, p in Llama(CONFIG.model).named_parameters()}
     rewritten = {}
     for graph in report.graphs:
@@ -182,9 +209,20 @@ def test_the_pass_quantizes_full_weights(mode: str, runs: dict[str, Path]):
     for weight, shape in rewritten.items():
         matches = {s for name, s in full.items() if name.endswith(weight)}
         assert matches == {shape}, (weight, shape, matches)
+    assert not warnings, warnings
     if mode == "ddp":
         assert len(report.graphs) >= 2, "DDPOptimizer did not split the graph"
         assert len(rewritten) == len(LINEARS) * CONFIG.model.n_layers
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_a_sharded_weight_stays_in_high_precision_with_a_logged_reason(
+    mode: str, runs: dict[str, Path]
+):
+    """A DTensor weight sharded along K reaching the backend: its local shard is never quantized."""
+    *_, sharded, warnings = pickle.loads((runs[f"{mode}-quartet2"] / "report.pkl").read_bytes())
+    assert sharded.graphs and sharded.rewritten() == 0, str(sharded)
+    assert any("reached the graph as DTensor (Shard(dim=1),)" in m for m in warnings), warnings
 
 
 def test_fsdp2_resume_reproduces_the_uninterrupted_run(runs: dict[str, Path], tmp_path: Path):
