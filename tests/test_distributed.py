@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.nn.parallel import DistributedDataParallel
 
 from quartet_compile import corpus, distributed, training
+from quartet_compile.demo import main
 from quartet_compile.explain import explain
 from quartet_compile.models.llama import Llama, LlamaConfig
 from quartet_compile.training import LOG_NAME, TrainConfig, next_byte_loss, train
@@ -236,3 +237,12 @@ def test_resume_refuses_another_world_size(runs: dict[str, Path]):
     config = dataclasses.replace(CONFIG, out_dir=runs["ddp-bf16"], resume=True)
     with pytest.raises(ValueError, match="written by 2 rank"):
         train(config)
+
+
+def test_the_demo_names_torchrun_when_launched_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun --nproc-per-node N"):
+        main(["--distributed", "fsdp2", "--device", "cpu", "--out", str(tmp_path)])
