@@ -131,7 +131,8 @@ def section(runs: list[Run], args: argparse.Namespace, device: str) -> str:
     setup = (
         f"`python benchmarks/multigpu.py --gpus {args.gpus} --preset {args.preset} --steps "
         f"{args.steps}` on {device}, torch {torch.__version__}. Weak scaling: {per_gpu} "
-        f"sequences per GPU per step; tokens/s over the steps after the first (compiling) one; "
+        f"sequences per GPU per step; tokens/s of all GPUs together, over the steps after the "
+        f"first (compiling) one; "
         f"peak memory is `torch.cuda.max_memory_allocated` per rank. NVLink multicast off "
         f"({', '.join(f'{k}={v}' for k, v in NO_MULTICAST.items())})."
     )

@@ -236,6 +236,9 @@ def _train(config: TrainConfig, device: torch.device, world: World) -> TrainResu
 
         session_time = time.perf_counter() - session_start
         out_of_time = config.max_minutes is not None and session_time > 60 * config.max_minutes
+        if world.distributed:  # clocks differ between ranks; all of them must stop at one step
+            flag = torch.tensor(float(out_of_time), device=device)
+            out_of_time = dist_training.mean(flag, world) > 0
         final = step == last_step or out_of_time
         evaluated = step % config.eval_every == 0 or final
         if evaluated:
