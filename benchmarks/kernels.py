@@ -64,7 +64,7 @@ def tile_sweep(t: int, k: int) -> list[list[str]]:
     xq = OPS.quantize_fwd(x, amax, True)
     rows = []
     default = quantize.TILE
-    for tile in [(8, 128, 4), (16, 64, 4), (16, 128, 8), (4, 256, 4), (32, 128, 8)]:
+    for tile in [(8, 256, 4), (4, 256, 2), (16, 256, 8), (4, 512, 4), (16, 256, 4)]:
         quantize.TILE = tile
         rows.append(["quantize_fwd", str(tile), _us(lambda: OPS.quantize_fwd(x, amax, True))])
     quantize.TILE = default
@@ -74,7 +74,7 @@ def tile_sweep(t: int, k: int) -> list[list[str]]:
     }
     for key, fn in cases.items():
         default = rht_eden.TILES[key]
-        for tile in [(64, 8), (32, 8), (128, 8), (16, 4), (32, 4)]:
+        for tile in [(64, 8), (64, 4), (128, 8), (128, 16), (32, 8)]:
             rht_eden.TILES[key] = tile
             rows.append([f"eden data pass ({key})", str(tile), _us(fn)])
         rht_eden.TILES[key] = default

@@ -26,9 +26,10 @@ import torch
 
 from quartet_compile.demo import PRESETS
 from quartet_compile.training import BACKENDS, LOG_NAME, SUMMARY_NAME
+from results import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTION = "## Training comparison"
+SECTION = "Training comparison"
 
 
 @dataclass
@@ -162,8 +163,6 @@ def results_section(runs: list[Run], args: argparse.Namespace, device: str) -> s
 
     bf16 = loss_at("bf16")
     lines = [
-        SECTION,
-        "",
         f"`python benchmarks/train_compare.py --preset {args.preset} --minutes-per-backend "
         f"{args.minutes_per_backend}` on {device}, torch {torch.__version__}; seed {args.seed} for "
         f"every backend (same init, data order and LR schedule). Validation loss is compared at "
@@ -197,22 +196,6 @@ def results_section(runs: list[Run], args: argparse.Namespace, device: str) -> s
     return "\n".join(lines)
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Put ``section`` in place of the file's existing one (up to the next ``## ``), or append."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
-    if SECTION in lines:
-        start = lines.index(SECTION)
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        lines[start:end] = section.splitlines()
-    else:
-        lines += [""] + section.splitlines()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines).rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -232,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         # Written after every backend, so a run cut short still leaves its results behind.
         plot(runs, args.plot, f"{args.preset} preset, seed {args.seed}, {device}")
         section = results_section(runs, args, device)
-        replace_section(args.results, section)
+        write_section(SECTION, section, args.results)
     print(section)
 
 

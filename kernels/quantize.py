@@ -14,9 +14,10 @@ from torch.library import wrap_triton
 
 from quartet_compile import nvfp4
 
-# (rows, columns, warps) per program of the forward quantizer: 8 elements per thread keep it free
-# of register spills (ptxas: 96 registers; 32 x 128 spilled); swept in benchmarks/kernels.py.
-TILE = (8, 128, 4)
+# (rows, columns, warps) per program of the forward quantizer: one 16-element group per thread
+# (fewer groups than threads would duplicate work); 88 registers, no spills (ptxas); swept in
+# benchmarks/kernels.py.
+TILE = (8, 256, 4)
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -41,25 +42,34 @@ def divide(a, b):
 
 
 @triton.jit
-def e2m1_round(u):
-    """|RTN(u)| to E2M1 as a float32: midpoint ties to the even index, saturating at 6, NaN -> 0.
+def reciprocal(x):
+    """nvfp4._reciprocal: IEEE 1 / x once per group, 0 where x is not > 0."""
+    return tl.where(x > 0, tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), x), 0.0)
 
-    From 1 up, E2M1 is float32 with a 1-bit significand: round the bit pattern to it (ties to
-    even, an integer add); below 1 the grid is {0, 0.5, 1}: two comparisons.
+
+@triton.jit
+def e2m1_round(u):
+    """|RTN(u)| to E2M1 as a float32: midpoint ties to the even index, saturating at 6.
+
+    The E2M1 spacing is 0.5 below 2, 1 below 4 and 2 above: adding and subtracting 2^22 times
+    the binade of clamp(|u|, 1, 4), the float32 number whose own spacing that is, rounds to it
+    (ties to even). NaN stays NaN.
     """
     a = tl.abs(u)
-    bits = a.to(tl.int32, bitcast=True)
-    big = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) & ~0x3FFFFF).to(tl.float32, bitcast=True)
-    small = ((a > 0.25).to(tl.float32) + (a >= 0.75).to(tl.float32)) * 0.5
-    return tl.where(a >= 1.0, tl.minimum(big, 6.0), small)
+    clamped = tl.minimum(tl.maximum(a, 1.0), 4.0).to(tl.int32, bitcast=True)
+    magic = (clamped & 0x7F800000).to(tl.float32, bitcast=True) * 4194304.0
+    return tl.minimum((a + magic) - magic, 6.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
 def e2m1_code(u, magnitude):
-    """4-bit code (sign of u << 3 | index) of an E2M1 magnitude from e2m1_round(u)."""
+    """4-bit code (sign of u << 3 | index) of an E2M1 magnitude from e2m1_round(u).
+
+    From 1 up the index is the float32 exponent and top mantissa bit (bits >> 22) less 252;
+    below 1 it is 1 for 0.5, else 0 (NaN included).
+    """
     bits = magnitude.to(tl.int32, bitcast=True)
-    big = 2 * ((bits >> 23) - 127) + 2 + ((bits >> 22) & 1)
-    idx = tl.where(magnitude >= 1.0, big, (magnitude * 2.0).to(tl.int32))
+    idx = tl.where(magnitude >= 1.0, (bits >> 22) - 252, (magnitude == 0.5).to(tl.int32))
     return ((u < 0).to(tl.int32) << 3) | idx
 
 
@@ -162,15 +172,26 @@ def philox_uniform(seed, offsets):
 
 
 @triton.jit
+def pairwise_sum16(t):
+    """nvfp4.pairwise_sum over the last axis of [rows, groups, 16]: the same addition tree.
+
+    Each level sums adjacent pairs (a two-element sum has one rounding in any order).
+    """
+    for _ in tl.static_range(4):
+        t = tl.sum(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2] // 2, 2)), axis=3)
+    return t
+
+
+@triton.jit
 def _rtn_candidate(g, gmax, ts, TARGET: tl.constexpr):
     """nvfp4.rtn_candidate: scaled values u, E2M1 magnitudes, E4M3 scale (float32), error."""
     scale = e4m3_rne(divide(gmax * (1.0 / TARGET), ts))
     real = scale * ts
-    u = tl.where(real > 0, divide(g, real), 0.0)
+    u = g * reciprocal(real)
     magnitude = e2m1_round(u)
-    # The select keeps the product a separate rounding (no FMA with the subtraction), as in torch.
-    dq = tl.where(real > 0, tl.where(u < 0, -magnitude, magnitude) * real, 0.0)
-    return u, magnitude, scale, tl.sum((dq - g) * (dq - g), axis=2, keep_dims=True)
+    d = magnitude - tl.abs(u)
+    err = tl.where(real > 0, real * real * pairwise_sum16(d * d), float("inf"))
+    return u, magnitude, scale, err
 
 
 @triton.jit
@@ -187,10 +208,14 @@ def _quantize_rtn_kernel(
     BLOCK_C: tl.constexpr,
 ):
     row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
-    col = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
-    mask = (row < rows) & (col < cols)
-    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + col, mask=mask, other=0.0)
-    g = tl.reshape(x.to(tl.float32), (BLOCK_R, BLOCK_C // 16, 16))
+    # Each group is loaded as two 16-byte halves into the same thread: one thread per group, so
+    # the group's max, scales and error sums need no shuffles and are computed once.
+    grp = (tl.program_id(1) * (BLOCK_C // 16) + tl.arange(0, BLOCK_C // 16))[None, :, None]
+    first_half = grp * 16 + tl.arange(0, 8)[None, None, :]
+    ptrs = x_ptr + row[:, :, None].to(tl.int64) * stride_x + first_half
+    mask = (row[:, :, None] < rows) & (grp < cols // 16)
+    halves = tl.join(tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + 8, mask=mask, other=0.0))
+    g = tl.reshape(tl.permute(halves.to(tl.float32), (0, 1, 3, 2)), (BLOCK_R, BLOCK_C // 16, 16))
     ts = tl.load(ts_ptr)
     gmax = group_absmax(g)
     u, magnitude, scale, err = _rtn_candidate(g, gmax, ts, 6.0)

@@ -1,10 +1,10 @@
 """Fused 128-block randomized Hadamard rotation + MS-EDEN (SPEC 3-4), and the SR baseline.
 
 One program owns BLOCK_R output rows x one 128-block of the reduction dim. It loads the block
-(from x, from x.T, or from a forward NVFP4 triple dequantized in registers), applies the signs,
-mixes with the exact +-1 Hadamard matrix on the tensor cores (``tl.dot``, 16-bit operands, float32
-accumulation: every product is exact) and scales by 1/sqrt(128) in float32. H_128 is written once
-per call by a one-program kernel and loaded by every program (cheaper than rebuilding it).
+(from x, from x.T, or from a forward NVFP4 triple dequantized in registers), mixes it with the
+exact +-1 matrix diag(signs) · H_128 on the tensor cores (``tl.dot``, 16-bit operands, float32
+accumulation: every product is exact) and scales by 1/sqrt(128) in float32. That matrix is written
+once per call by a one-program kernel and loaded by every program (cheaper than rebuilding it).
 
 MS-EDEN needs the largest corrected scale before any E4M3 scale exists, so it runs in two passes:
 the data pass writes codes, float32 corrected scales and one partial max per program; a torch
@@ -32,7 +32,9 @@ from quartet_compile.kernels.quantize import (
     e4m3_stochastic,
     group_absmax,
     pack_nibbles,
+    pairwise_sum16,
     philox_uniform,
+    reciprocal,
     unit_tile,
 )
 
@@ -41,8 +43,8 @@ INV_SQRT_BLOCK: tl.constexpr = tl.constexpr(nvfp4.INV_SQRT_BLOCK)
 INV_EDEN_FP4_MAX: tl.constexpr = tl.constexpr(1.0 / nvfp4.EDEN_FP4_MAX)
 INV_E2M1_MAX: tl.constexpr = tl.constexpr(1.0 / nvfp4.E2M1_MAX)
 # (rows per program, warps) of the data passes, for plain/transposed inputs and for NVFP4 ones
-# (their rows are bytes: 64 columns make 32-byte loads). No register spills (ptxas); chosen by
-# the sweep in benchmarks/kernels.py.
+# (their rows are bytes: 64 columns make 32-byte loads). No register spills (ptxas: 79 and 90
+# registers); chosen by the sweep in benchmarks/kernels.py.
 TILES = {"x": (64, 8), "nvfp4": (64, 8)}
 # Tensor-core operand type that holds each source's values exactly (uint8 = NVFP4 unit values).
 _MIX_OF_SOURCE = {
@@ -61,14 +63,15 @@ _MIX_DTYPE = {
 
 @triton.jit
 def _mix(x, h_ptr, MIX: tl.constexpr):
-    """x @ H_128 for float32 x whose values are exact in the MIX operand type (H: h_ptr's type).
+    """x @ H for x whose values are exact in the MIX operand type (H = diag(signs) · H_128, in
+    h_ptr's type).
 
     "bf16"/"fp16": one tensor-core dot; "bf16x3": three bf16 slices carry all 24 bits of a
     float32 input; "f32": a float32 dot, for the interpreter, whose tl.dot mishandles bf16.
     """
     h = tl.load(h_ptr + tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :])
     if MIX == "f32":
-        return tl.dot(x, h, input_precision="ieee")
+        return tl.dot(x.to(tl.float32), h, input_precision="ieee")
     elif MIX == "bf16x3":
         hi = x.to(tl.bfloat16)
         mid = (x - hi.to(tl.float32)).to(tl.bfloat16)
@@ -80,7 +83,7 @@ def _mix(x, h_ptr, MIX: tl.constexpr):
 
 @triton.jit
 def _rotated_tile(
-    src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, h_ptr, rows, red, stride_r, stride_k,
+    src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, rows, red, stride_r, stride_k,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """[BLOCK_R, 128] float32 rotated values of this program's rows and reduction block.
@@ -92,17 +95,16 @@ def _rotated_tile(
     """
     row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     kk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
-    signs = tl.load(signs_ptr + tl.arange(0, BLOCK)).to(tl.float32)
     if FROM_NVFP4:
         k_rows = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[:, None]
         units = unit_tile(src_ptr, src_scales_ptr, k_rows, tl.program_id(0) * BLOCK_R, red, rows,
                           BLOCK_R)  # fmt: skip
-        acc = _mix(tl.trans(units * signs[:, None]), h_ptr, MIX) * tl.load(src_ts_ptr)
+        acc = _mix(tl.trans(units), h_ptr, MIX) * tl.load(src_ts_ptr)
     else:
         offs = row.to(tl.int64) * stride_r + kk.to(tl.int64) * stride_k
         x = tl.load(src_ptr + offs, mask=(row < rows) & (kk < red), other=0.0)
-        acc = _mix(x.to(tl.float32) * signs[None, :], h_ptr, MIX)
-    return acc * INV_SQRT_BLOCK
+        acc = _mix(x, h_ptr, MIX)
+    return _unpermute(acc, BLOCK_R) * INV_SQRT_BLOCK
 
 
 @triton.jit
@@ -111,17 +113,6 @@ def _store_tile(ptr, values, rows, row_stride, BLOCK_R: tl.constexpr):
     row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     col = tl.program_id(1) * values.shape[1] + tl.arange(0, values.shape[1])[None, :]
     tl.store(ptr + row.to(tl.int64) * row_stride + col, values, mask=row < rows)
-
-
-@triton.jit
-def _pairwise_sum16(t):
-    """nvfp4.pairwise_sum over the last axis of [rows, groups, 16]: the same addition tree.
-
-    Each level sums adjacent pairs (a two-element sum has one rounding in any order).
-    """
-    for _ in tl.static_range(4):
-        t = tl.sum(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2] // 2, 2)), axis=3)
-    return t
 
 
 @triton.jit
@@ -134,24 +125,24 @@ def _store_partial_max(partial_ptr, values):
 
 @triton.jit
 def _eden_data_kernel(
-    src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, h_ptr, codes_ptr, corrected_ptr, partial_ptr,
+    src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, codes_ptr, corrected_ptr, partial_ptr,
     rows, red, stride_r, stride_k, padded,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """nvfp4.eden_codes_and_scales on one rotated tile: codes, corrected scales, partial max."""
     v = _rotated_tile(
-        src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, h_ptr, rows, red, stride_r, stride_k,
+        src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, rows, red, stride_r, stride_k,
         FROM_NVFP4, MIX, BLOCK_R,
     )  # fmt: skip
     g = tl.reshape(v, (BLOCK_R, BLOCK // 16, 16))
     s = group_absmax(g) * INV_EDEN_FP4_MAX
-    u = tl.where(s > 0, divide(g, s), 0.0)
+    u = g * reciprocal(s)
     magnitude = e2m1_round(u)
     codes = e2m1_code(u, magnitude)
     # A per-element select keeps each product a separate rounding, as in torch: otherwise the
     # compiler fuses it into the sum's first addition (an FMA rounds once, so k differs).
-    uc = _pairwise_sum16(tl.where(u != 0, tl.abs(u) * magnitude, 0.0))
-    uu = _pairwise_sum16(tl.where(u != 0, u * u, 0.0))
+    uc = pairwise_sum16(tl.where(u != 0, tl.abs(u) * magnitude, 0.0))
+    uu = pairwise_sum16(tl.where(u != 0, u * u, 0.0))
     corrected = s * tl.where(uc != 0, divide(uu, uc), 1.0)
     _store_tile(codes_ptr, pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK))), rows, padded // 2,
                 BLOCK_R)  # fmt: skip
@@ -174,13 +165,13 @@ def _eden_scales_kernel(corrected_ptr, ts_ptr, seed_ptr, scales_ptr, n, BLOCK_N:
 
 @triton.jit
 def _absmax_kernel(
-    src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, h_ptr, partial_ptr,
+    src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, partial_ptr,
     rows, red, stride_r, stride_k,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """max|v| of one rotated tile (the SR baseline's tensor amax, first pass)."""
     v = _rotated_tile(
-        src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, h_ptr, rows, red, stride_r, stride_k,
+        src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, rows, red, stride_r, stride_k,
         FROM_NVFP4, MIX, BLOCK_R,
     )  # fmt: skip
     _store_partial_max(partial_ptr, tl.reshape(tl.abs(v), (BLOCK_R, BLOCK, 1)))
@@ -188,13 +179,13 @@ def _absmax_kernel(
 
 @triton.jit
 def _sr_kernel(
-    src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, h_ptr, ts_ptr, seed_ptr, codes_ptr,
+    src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, ts_ptr, seed_ptr, codes_ptr,
     scales_ptr, rows, red, stride_r, stride_k, padded,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """nvfp4.sr_quantize on one rotated tile: ceil-E4M3 scales, element-wise SR to E2M1."""
     v = _rotated_tile(
-        src_ptr, src_scales_ptr, src_ts_ptr, signs_ptr, h_ptr, rows, red, stride_r, stride_k,
+        src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, rows, red, stride_r, stride_k,
         FROM_NVFP4, MIX, BLOCK_R,
     )  # fmt: skip
     g = tl.reshape(v, (BLOCK_R, BLOCK // 16, 16))
@@ -202,13 +193,14 @@ def _sr_kernel(
     gmax = group_absmax(g)
     scale = e4m3_ceil(divide(gmax * INV_E2M1_MAX, ts))
     real = scale * ts
-    u = tl.where(real > 0, divide(g, real), 0.0)
+    u = tl.where(real > 0, g * reciprocal(real), 0.0)
     u = tl.where(u < -6.0, -6.0, clamp_max(u, 6.0))
     a = tl.abs(u)
     lo_idx = (a >= 0.5).to(tl.int32) + (a >= 1.0).to(tl.int32) + (a >= 1.5).to(tl.int32)
     lo_idx += (a >= 2.0).to(tl.int32) + (a >= 3.0).to(tl.int32) + (a >= 4.0).to(tl.int32)
     lo = e2m1_value(lo_idx)
-    frac = divide(a - lo, e2m1_value(lo_idx + 1) - lo)
+    # The step to the next E2M1 value is 0.5, 1 or 2: multiplying by its inverse is exact.
+    frac = (a - lo) * tl.where(lo_idx < 4, 2.0, tl.where(lo_idx < 6, 1.0, 0.5))
     row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
     uniform = philox_uniform(tl.load(seed_ptr), row * padded + col)
@@ -222,15 +214,42 @@ def _sr_kernel(
 
 
 @triton.jit
-def _hadamard_kernel(h_ptr):
-    """Write the Sylvester H_128 ((-1)^popcount(i & j)) for the data passes to load."""
+def _mma_column(j):
+    """Column of the mix's output that holds rotated column j (a permutation of 0..127).
+
+    The tensor-core accumulator gives each thread column pairs 8c + 2q + {0, 1} (c = 0..7 in each
+    64-column warp half, q = lane % 4). Rotated column 16 (4 w + q) + 2c + e is placed at
+    64 w + 8c + 2q + e, so every thread holds whole 16-groups: group maxima and sums need no
+    shuffles and each group's divisions run once, not in four lanes. _unpermute undoes it.
+    """
+    w, q, c, e = j >> 6, (j >> 4) & 3, (j >> 1) & 7, j & 1
+    return 64 * w + 8 * c + 2 * q + e
+
+
+@triton.jit
+def _unpermute(acc, BLOCK_R: tl.constexpr):
+    """The rotated [BLOCK_R, 128] tile in column order, from the mix of _mma_column's layout
+    (only reshapes and a permute: the registers stay where they are)."""
+    t = tl.permute(tl.reshape(acc, (BLOCK_R, 2, 8, 4, 2)), (0, 1, 3, 2, 4))
+    return tl.reshape(t, (BLOCK_R, BLOCK))
+
+
+@triton.jit
+def _hadamard_kernel(h_ptr, signs_ptr):
+    """Write diag(signs) · H_128 (Sylvester: (-1)^popcount(i & j)) for the data passes to load.
+
+    Folding the signs into the matrix spares every tile an element-wise product; the entries
+    stay +-1, so the mix is as exact as before.
+    """
     i = tl.arange(0, BLOCK)[:, None]
     j = tl.arange(0, BLOCK)[None, :]
     p = i & j
     p ^= p >> 4
     p ^= p >> 2
     p ^= p >> 1
-    tl.store(h_ptr + i * BLOCK + j, (1 - 2 * (p & 1)).to(h_ptr.dtype.element_ty))
+    signs = tl.load(signs_ptr + i)
+    h = (signs * (1 - 2 * (p & 1))).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + i * BLOCK + _mma_column(j), h)
 
 
 def _quantize_rotated(
@@ -253,13 +272,13 @@ def _quantize_rotated(
     signs, seed = signs.to(device, torch.float32), seed.to(device)
     mix = _MIX_OF_SOURCE[src.dtype] if src.is_cuda else "f32"
     h = torch.empty((nvfp4.HADAMARD_BLOCK,) * 2, dtype=_MIX_DTYPE[mix], device=device)
-    wrap_triton(_hadamard_kernel)[(1,)](h)
+    wrap_triton(_hadamard_kernel)[(1,)](h, signs)
     codes = torch.empty((rows, padded // 2), dtype=torch.uint8, device=device)
     scales = torch.empty((rows, padded // nvfp4.GROUP), dtype=torch.float8_e4m3fn, device=device)
     block_r, warps = TILES["nvfp4" if from_nvfp4 else "x"]
     grid = (triton.cdiv(rows, block_r), padded // nvfp4.HADAMARD_BLOCK)
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=device)
-    source = (src, src_scales, src_ts, signs, h)
+    source = (src, src_scales, src_ts, h)
     shape = (rows, red, *strides)
     consts = dict(FROM_NVFP4=from_nvfp4, MIX=mix, BLOCK_R=block_r, num_warps=warps)
     if method == "eden":

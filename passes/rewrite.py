@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch._guards import detect_fake_mode
+from torch._inductor.decomposition import select_decomp_table
 from torch._subclasses.functional_tensor import dispatch_functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -346,8 +347,12 @@ def inline_body(graph: fx.Graph, node: fx.Node, fake_mode: Any) -> None:
         it = iter(values)
         return node.target(*(next(it) if isinstance(a, fx.Node) else a for a in node.args))
 
+    # The joint graph is already decomposed for Inductor; the body must be too (Inductor refuses
+    # ops such as aten.ones_like that it only knows through their decomposition).
     with fake_mode:
-        traced = make_fx(dispatch_functionalize(body))(*(t.meta["val"] for t in tensors))
+        traced = make_fx(dispatch_functionalize(body), decomposition_table=select_decomp_table())(
+            *(t.meta["val"] for t in tensors)
+        )
     env: dict[fx.Node, Any] = dict(
         zip((n for n in traced.graph.nodes if n.op == "placeholder"), tensors, strict=True)
     )

@@ -58,7 +58,10 @@ _OVERRIDES = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="quartet-demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="quartet-demo",
+        description="Train a small Llama on the Python stdlib with one torch.compile backend.",
+    )
     parser.add_argument("--backend", choices=list(BACKENDS), default="bf16", help="default: bf16")
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny", help="default: tiny")
     for name, kind, help_text in _OVERRIDES:

@@ -239,6 +239,15 @@ def _safe_tensor_scale(amax: torch.Tensor, divisor: float) -> torch.Tensor:
     return torch.where(torch.isfinite(amax), scale, torch.full_like(amax, float("nan")))
 
 
+def _reciprocal(real: torch.Tensor) -> torch.Tensor:
+    """1 / real per group (IEEE), 0 where real is not > 0 (a zero or NaN scale).
+
+    Each group's elements are multiplied by it rather than divided by ``real``: one division per
+    group instead of sixteen, as in the kernels (docs/numerics.md).
+    """
+    return torch.where(real > 0, real.reciprocal(), 0.0)
+
+
 def _pack(codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor) -> NVFP4Tensor:
     rows = codes.shape[0]
     return NVFP4Tensor(pack_nibbles(codes.reshape(rows, -1)), scales, tensor_scale)
@@ -255,9 +264,12 @@ def rtn_candidate(
     """Codes, E4M3 scales and squared error of one scale choice (group max lands on target)."""
     scale = e4m3_rne(gmax * (1.0 / target) / ts)
     real = scale.to(torch.float32) * ts
-    u = torch.where(real > 0, g / real, torch.zeros_like(g))
+    u = g * _reciprocal(real)
     codes = e2m1_encode(u)
-    err = ((e2m1_decode(codes) * real - g) ** 2).sum(-1, keepdim=True)
+    # Squared error in units of the scale, times real^2; +inf for a zero scale, which no other
+    # candidate should lose to.
+    d = e2m1_decode(codes & 7) - u.abs()
+    err = torch.where(real > 0, real * real * pairwise_sum(d * d), float("inf"))
     return codes, scale, err
 
 
@@ -353,7 +365,7 @@ def eden_codes_and_scales(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     g = _groups(v)
     s = g.abs().amax(-1, keepdim=True) * (1.0 / EDEN_FP4_MAX)
-    u = torch.where(s > 0, g / s, torch.zeros_like(g))
+    u = g * _reciprocal(s)
     codes = e2m1_encode(u)
     c = e2m1_decode(codes)
     uc = pairwise_sum(u * c)
@@ -390,7 +402,7 @@ def sr_quantize(v: torch.Tensor, uniform: torch.Tensor) -> NVFP4Tensor:
     gmax = g.abs().amax(-1, keepdim=True)
     scale = e4m3_ceil(gmax * (1.0 / E2M1_MAX) / ts)
     real = scale.to(torch.float32) * ts
-    u = torch.where(real > 0, g / real, torch.zeros_like(g)).clamp(-E2M1_MAX, E2M1_MAX)
+    u = torch.where(real > 0, g * _reciprocal(real), 0.0).clamp(-E2M1_MAX, E2M1_MAX)
     table = torch.tensor(E2M1_VALUES, device=v.device)
     a = u.abs()
     lo_idx = (torch.bucketize(a, table, right=True) - 1).clamp(0, 6)

@@ -37,30 +37,15 @@ STEPS = 12
 EVAL_EVERY = 4
 BATCH, SEQ = 8, 128
 # The tiny preset, shortened: enough steps for the loss to fall well below ln(256) = 5.55.
-ARGS = [
-    "--preset",
-    "tiny",
-    "--steps",
-    str(STEPS),
-    "--batch-size",
-    str(BATCH),
-    "--seq-len",
-    str(SEQ),
-    "--eval-every",
-    str(EVAL_EVERY),
-    "--save-every",
-    str(EVAL_EVERY),
-    "--lr",
-    "3e-3",
-    "--device",
-    "cpu",
-    "--no-progress",
-]
+ARGS = (
+    f"--preset tiny --steps {STEPS} --batch-size {BATCH} --seq-len {SEQ} --lr 3e-3 "
+    f"--eval-every {EVAL_EVERY} --save-every {EVAL_EVERY} --device cpu --no-progress"
+).split()
 
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    """Each run compiles its own model; stale Dynamo caches would hide recompiles."""
+    """Each run compiles a new model: start from empty Dynamo caches (and their size limit)."""
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
