@@ -486,7 +486,9 @@ def roundtrip(
         t = ms_eden(v, draws.to(v.device))
     elif method == "sr":
         t = sr_quantize(v, torch.rand(v.shape, generator=generator).to(v.device))
+    elif method == "rtn":
+        t = rtn_backward(v)
     else:
-        t = quantize_rtn(v, four_over_six=method == "four_over_six")
+        t = quantize_rtn(v, four_over_six=True)
     d = t.dequantize()
     return unrotate(d, signs) if rotated else d
