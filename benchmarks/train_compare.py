@@ -8,6 +8,8 @@ curve covers the same tokens; the table compares validation loss at the last ste
 Writes docs/loss_curves.png and the "## Training comparison" section of benchmarks/RESULTS.md.
 Example (one ~9-minute device call):
 ``python benchmarks/train_compare.py --minutes-per-backend 2.5``
+Longer runs than one device call allows: train one backend per call (``--backends sr-recipe``,
+same ``--steps``), bring the run folders back, then ``--collect`` builds the table and the plot.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from results import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "Training comparison"
+ENV_NAME = "machine.json"
 
 
 @dataclass
@@ -57,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="schedule horizon (default: the preset's)")
     parser.add_argument("--eval-every", type=int, help="default: the preset's")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: read the runs already in --runs-dir (one per backend)",
+    )
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "train_compare")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "loss_curves.png")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
@@ -104,6 +112,20 @@ def run_backend(args: argparse.Namespace, backend: str, stop_step: int | None) -
         tail = completed.stderr.strip().splitlines()[-1:] or ["no output"]
         print(completed.stderr[-4000:], file=sys.stderr)
         return Run(backend, {}, math.nan, error=f"exit {completed.returncode}: {tail[0]}")
+    (out / ENV_NAME).write_text(json.dumps(machine()) + "\n")
+    return read_run(out, backend)
+
+
+def machine() -> dict[str, str]:
+    """What the table names as the run's machine: the GPU and the torch build."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    return {"device": device, "torch": torch.__version__}
+
+
+def read_run(out: Path, backend: str) -> Run:
+    """A finished run from its folder: the CSV log and the summary the demo writes."""
+    if not (out / SUMMARY_NAME).exists():
+        return Run(backend, {}, math.nan, error=f"no {SUMMARY_NAME} in {out}")
     summary = json.loads((out / SUMMARY_NAME).read_text())
     return Run(backend, read_val_curve(out / LOG_NAME), summary["tokens_per_s"])
 
@@ -151,7 +173,7 @@ def plot(runs: list[Run], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def results_section(runs: list[Run], args: argparse.Namespace, device: str) -> str:
+def results_section(runs: list[Run], args: argparse.Namespace, env: dict[str, str]) -> str:
     """Markdown for the RESULTS.md section: setup, table and the claim's verdict."""
     step = common_step(runs)
     by_name = {run.backend: run for run in runs}
@@ -162,9 +184,14 @@ def results_section(runs: list[Run], args: argparse.Namespace, device: str) -> s
         return run.val[step][1] if run and step in run.val else math.nan
 
     bf16 = loss_at("bf16")
+    how = (
+        f"--steps {args.steps}` (one device call per backend, then `--collect`)"
+        if args.collect
+        else f"--minutes-per-backend {args.minutes_per_backend}`"
+    )
     lines = [
-        f"`python benchmarks/train_compare.py --preset {args.preset} --minutes-per-backend "
-        f"{args.minutes_per_backend}` on {device}, torch {torch.__version__}; seed {args.seed} for "
+        f"`python benchmarks/train_compare.py --preset {args.preset} {how} on {env['device']}, "
+        f"torch {env['torch']}; seed {args.seed} for "
         f"every backend (same init, data order and LR schedule). Validation loss is compared at "
         f"step {step}, the last one all backends reached"
         + (f" ({tokens:,} tokens)." if tokens else "."),
@@ -198,13 +225,18 @@ def results_section(runs: list[Run], args: argparse.Namespace, device: str) -> s
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    if device == "CPU":
+    env = machine()
+    if args.collect:
+        env = json.loads((args.runs_dir / args.backends[0] / ENV_NAME).read_text())
+    elif env["device"] == "CPU":
         print("warning: no CUDA device; this comparison is meant for a GPU", file=sys.stderr)
     runs: list[Run] = []
     stop_step = None
     for backend in args.backends:
-        run = run_backend(args, backend, stop_step)
+        if args.collect:
+            run = read_run(args.runs_dir / backend, backend)
+        else:
+            run = run_backend(args, backend, stop_step)
         runs.append(run)
         if run.val:
             stop_step = min(max(run.val), stop_step or max(run.val))
@@ -213,8 +245,8 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         # Written after every backend, so a run cut short still leaves its results behind.
-        plot(runs, args.plot, f"{args.preset} preset, seed {args.seed}, {device}")
-        section = results_section(runs, args, device)
+        plot(runs, args.plot, f"{args.preset} preset, seed {args.seed}, {env['device']}")
+        section = results_section(runs, args, env)
         write_section(SECTION, section, args.results)
     print(section)
 
