@@ -44,7 +44,7 @@ def peak_memory(step) -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def kernel_breakdown(step, top: int = 8) -> list[list[str]]:
+def kernel_breakdown(step, top: int = 14) -> list[list[str]]:
     """Top CUDA kernels of one fwd+bwd by device time."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
@@ -54,7 +54,7 @@ def kernel_breakdown(step, top: int = 8) -> list[list[str]]:
     total = sum(e.device_time_total for e in events) or 1.0
     return [
         [
-            e.key[:70],
+            e.key[:90],
             f"{e.device_time_total / 5 / 1000:.3f}",
             f"{100 * e.device_time_total / total:.0f}%",
         ]

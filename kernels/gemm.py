@@ -7,7 +7,10 @@ the epilogue (folding them into the operands would round every element).
 
 Two Hopper designs, measured by benchmarks/kernels.py (RESULTS.md, "## Kernels"):
 - "cublas": a dequantize kernel writes both operands' unit values in bf16, ``torch.mm`` (cuBLAS)
-  multiplies them with a float32 output, and a pointwise epilogue applies the tensor scales.
+  multiplies them, and a pointwise epilogue applies the tensor scales. For a bf16 output cuBLAS
+  writes bf16 and the epilogue rounds once more (at most one bf16 ulp away from scaling the
+  float32 accumulator; docs/numerics.md): a float32 output plus its epilogue pass cost ~0.2 ms
+  per 16384x4096 product, and Inductor fuses the bf16 epilogue into whatever consumes it.
 - "fused": one Triton GEMM that loads the packed codes and scales (a quarter of the bytes) and
   dequantizes them in registers with bit tricks before each ``tl.dot``.
 ``DESIGN`` names the one the op uses: "cublas", at 82% of BF16 cuBLAS at 8192^3 and 92% at
@@ -137,6 +140,10 @@ def gemm(
     if design == "cublas":
         a = dequantize_units(a_codes, a_scales)
         b = dequantize_units(b_codes, b_scales)
+        if out_dtype == torch.bfloat16:
+            # cuBLAS rounds its float32 accumulator to bf16 once; the tensor-scale product is a
+            # pointwise op that Inductor fuses into the consumer (no float32 [M, N] round trip).
+            return (torch.mm(a, b.T).float() * (a_ts * b_ts)).to(out_dtype)
         acc = torch.mm(a, b.T, out_dtype=torch.float32)  # CUDA only (no float32-out mm on CPU)
         return (acc * (a_ts * b_ts)).to(out_dtype)
     if design != "fused":

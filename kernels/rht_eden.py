@@ -43,9 +43,10 @@ INV_SQRT_BLOCK: tl.constexpr = tl.constexpr(nvfp4.INV_SQRT_BLOCK)
 INV_EDEN_FP4_MAX: tl.constexpr = tl.constexpr(1.0 / nvfp4.EDEN_FP4_MAX)
 INV_E2M1_MAX: tl.constexpr = tl.constexpr(1.0 / nvfp4.E2M1_MAX)
 # (rows per program, warps) of the data passes, for plain/transposed inputs and for NVFP4 ones
-# (their rows are bytes: 64 columns make 32-byte loads). No register spills (ptxas: 79 and 90
-# registers); chosen by the sweep in benchmarks/kernels.py.
-TILES = {"x": (64, 8), "nvfp4": (64, 8)}
+# (their rows are bytes: 64 columns make 32-byte loads). No register spills (ptxas: 110 and 128
+# registers); the fastest of the sweep in benchmarks/kernels.py (168 / 190 us against 179 / 218
+# us for 8 warps at 16384x4096).
+TILES = {"x": (64, 4), "nvfp4": (64, 4)}
 # Tensor-core operand type that holds each source's values exactly (uint8 = NVFP4 unit values).
 _MIX_OF_SOURCE = {
     torch.bfloat16: "bf16",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import torch
@@ -46,6 +46,8 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 q2 = torch.ops.quartet2
 Triple = tuple[fx.Node, fx.Node, fx.Node]
+# A traced op body and the module attributes its constants were given (reused with it).
+Body = tuple[fx.GraphModule, dict[str, str]]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Meta that describes where a node comes from (module, autograd seq_nr, forward/backward side,
 # checkpoint tags): the replacement inherits it from the node it replaces.
@@ -167,6 +169,8 @@ class _Emitter:
         self.created: list[fx.Node] = []
         self.replaced: list[tuple[fx.Node, fx.Node]] = []
         self.replacements: dict[fx.Node, fx.Node] = {}
+        # Traced op bodies by call signature: a model's layers repeat the same few calls.
+        self.bodies: dict[Hashable, Body] = {}
 
     def current(self, node: fx.Node) -> fx.Node:
         """What ``node`` became if an earlier linear's rewrite replaced it."""
@@ -212,7 +216,7 @@ class _Emitter:
                 isinstance(node.target, torch._ops.OpOverload)
                 and node.target.namespace == "quartet2"
             ):
-                _decompose_on_cuda(self.graph, node, self.fake_mode)
+                _decompose_on_cuda(self.graph, node, self.fake_mode, self.bodies)
         self.created.clear()
         self.replaced.clear()
 
@@ -324,12 +328,14 @@ def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
     return order.__getitem__
 
 
-def _decompose_on_cuda(graph: fx.Graph, node: fx.Node, fake_mode: Any) -> None:
+def _decompose_on_cuda(
+    graph: fx.Graph, node: fx.Node, fake_mode: Any, bodies: dict[Hashable, Body]
+) -> None:
     """Inline a quartet2 op's body in place of the op call when it runs on CUDA."""
     if node.meta["val"] is None or not _first_tensor(node.meta["val"]).is_cuda:
         return
     try:
-        inline_body(graph, node, fake_mode)
+        inline_body(graph, node, fake_mode, bodies)
     except Exception:  # noqa: BLE001  (an opaque op call still runs the same kernels)
         log.debug("quartet2: kept %s as an op call", node.format_node(), exc_info=True)
 
@@ -338,21 +344,27 @@ def _first_tensor(val: Any) -> torch.Tensor:
     return val[0] if isinstance(val, (tuple, list)) else val
 
 
-def inline_body(graph: fx.Graph, node: fx.Node, fake_mode: Any) -> None:
+def inline_body(
+    graph: fx.Graph,
+    node: fx.Node,
+    fake_mode: Any,
+    bodies: dict[Hashable, Body] | None = None,
+) -> None:
     """Replace ``node`` by its op's traced body, as AOTAutograd's functionalization would have
-    traced a triton_op (its Triton kernels become ``triton_kernel_wrapper_functional`` nodes)."""
+    traced a triton_op (its Triton kernels become ``triton_kernel_wrapper_functional`` nodes).
+
+    ``bodies`` caches traces by call signature (op, constant arguments, tensor metadata)."""
     tensors = [a for a in node.args if isinstance(a, fx.Node)]
-
-    def body(*values: torch.Tensor) -> Any:
-        it = iter(values)
-        return node.target(*(next(it) if isinstance(a, fx.Node) else a for a in node.args))
-
-    # The joint graph is already decomposed for Inductor; the body must be too (Inductor refuses
-    # ops such as aten.ones_like that it only knows through their decomposition).
-    with fake_mode:
-        traced = make_fx(dispatch_functionalize(body), decomposition_table=select_decomp_table())(
-            *(t.meta["val"] for t in tensors)
-        )
+    signature = (
+        node.target,
+        tuple(None if isinstance(a, fx.Node) else a for a in node.args),
+        tuple(_tensor_signature(t.meta["val"]) for t in tensors),
+    )
+    cached = bodies.get(signature) if bodies is not None else None
+    reused = cached is not None
+    traced, attrs = cached or (_trace_body(node, [t.meta["val"] for t in tensors], fake_mode), {})
+    if bodies is not None:
+        bodies[signature] = (traced, attrs)
     env: dict[fx.Node, Any] = dict(
         zip((n for n in traced.graph.nodes if n.op == "placeholder"), tensors, strict=True)
     )
@@ -361,13 +373,18 @@ def inline_body(graph: fx.Graph, node: fx.Node, fake_mode: Any) -> None:
             if inner.op == "output":
                 out = fx.map_arg(inner.args[0], env.__getitem__)
             elif inner.op == "get_attr":  # a constant of the body (e.g. a lookup table)
-                name = _fresh_attr(graph.owning_module, inner.target)
-                setattr(graph.owning_module, name, getattr(traced, inner.target))
-                env[inner] = graph.get_attr(name)
+                if inner.target not in attrs:
+                    attrs[inner.target] = _fresh_attr(graph.owning_module, inner.target)
+                    setattr(graph.owning_module, attrs[inner.target], getattr(traced, inner.target))
+                env[inner] = graph.get_attr(attrs[inner.target])
                 env[inner].meta.update(inner.meta)
             elif inner.op != "placeholder":
-                env[inner] = graph.node_copy(inner, env.__getitem__)
-                env[inner].meta.update(_inherited(node))
+                env[inner] = copy = graph.node_copy(inner, env.__getitem__)
+                copy.meta.update(_inherited(node))
+                if reused:  # fresh fake values: no two nodes may seem to share a storage
+                    args, kwargs = fx.map_arg((copy.args, copy.kwargs), lambda a: a.meta["val"])
+                    with fake_mode:
+                        copy.meta["val"] = copy.target(*args, **kwargs)
     if isinstance(out, (tuple, list)):
         for user in list(node.users):
             user.replace_all_uses_with(out[user.args[1]])
@@ -375,6 +392,23 @@ def inline_body(graph: fx.Graph, node: fx.Node, fake_mode: Any) -> None:
     else:
         node.replace_all_uses_with(out)
     graph.erase_node(node)
+
+
+def _tensor_signature(t: torch.Tensor) -> Hashable:
+    return (tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+def _trace_body(node: fx.Node, values: list[torch.Tensor], fake_mode: Any) -> fx.GraphModule:
+    def body(*values: torch.Tensor) -> Any:
+        it = iter(values)
+        return node.target(*(next(it) if isinstance(a, fx.Node) else a for a in node.args))
+
+    # The joint graph is already decomposed for Inductor; the body must be too (Inductor refuses
+    # ops such as aten.ones_like that it only knows through their decomposition).
+    with fake_mode:
+        return make_fx(dispatch_functionalize(body), decomposition_table=select_decomp_table())(
+            *values
+        )
 
 
 def _fresh_attr(module: torch.nn.Module, base: str) -> str:

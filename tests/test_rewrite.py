@@ -31,6 +31,31 @@ def test_inline_body_replaces_op_calls_by_their_traced_bodies() -> None:
     torch.testing.assert_close(gm(x, w), program(x, w), rtol=0, atol=0)
 
 
+def test_inline_body_reuses_a_trace_per_call_signature_with_fresh_fake_values() -> None:
+    """Repeated layers trace each (op, constants, tensor metadata) once; the copies still get
+    their own fake values, so no two nodes look like views of one storage."""
+
+    def program(x1: torch.Tensor, x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        wq = q2.quantize_fwd(w, w.abs().amax(), True)
+        outs = [q2.gemm(*q2.quantize_fwd(x, x.abs().amax(), True), *wq, torch.float32)
+                for x in (x1, x2)]  # fmt: skip
+        return outs[0] + outs[1]
+
+    x1, x2, w = torch.randn(128, 128), torch.randn(128, 128), torch.randn(256, 128)
+    gm = make_fx(program, tracing_mode="fake")(x1, x2, w)
+    fake_mode = detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"])
+    bodies: dict = {}
+    for node in [n for n in gm.graph.nodes if str(n.target).startswith("quartet2.")]:
+        inline_body(gm.graph, node, fake_mode, bodies)
+    gm.graph.lint()
+    gm.recompile()
+    assert len(bodies) == 3  # quantize_fwd of [128, 128] and of [256, 128], one gemm shape
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    vals = [n.meta["val"] for n in nodes if isinstance(n.meta["val"], torch.Tensor)]
+    assert len({id(v) for v in vals}) == len(vals)
+    torch.testing.assert_close(gm(x1, x2, w), program(x1, x2, w), rtol=0, atol=0)
+
+
 def test_resolve_follows_layout_ops_to_the_parameter() -> None:
     def program(w: torch.Tensor) -> torch.Tensor:
         return w.to(torch.bfloat16).t().unsqueeze(0).permute(0, 2, 1).view(1, 256, 128)
