@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per backend")
     parser.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -105,7 +106,7 @@ def run_worker(args: argparse.Namespace, backend: str, argv: list[str]) -> dict[
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=f"{cache}/triton")
         result = Path(out) / "result.json"
         command = [sys.executable, __file__, *argv, "--worker", backend, "--json", str(result)]
-        subprocess.run(command, env=env, check=True)
+        subprocess.run(command, env=env, check=True, timeout=args.timeout)
         return json.loads(result.read_text())
 
 

@@ -236,13 +236,14 @@ def _unpermute(acc, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _hadamard_kernel(h_ptr, signs_ptr):
-    """Write diag(signs) · H_128 (Sylvester: (-1)^popcount(i & j)) for the data passes to load.
+def _hadamard_kernel(h_ptr, signs_ptr, ROWS: tl.constexpr):
+    """Write diag(signs) · H_128 (Sylvester: (-1)^popcount(i & j)) for the data passes to load,
+    ``ROWS`` rows per program (one program for all 128 took ~19 us on the H100).
 
     Folding the signs into the matrix spares every tile an element-wise product; the entries
     stay +-1, so the mix is as exact as before.
     """
-    i = tl.arange(0, BLOCK)[:, None]
+    i = (tl.program_id(0) * ROWS + tl.arange(0, ROWS))[:, None]
     j = tl.arange(0, BLOCK)[None, :]
     p = i & j
     p ^= p >> 4
@@ -273,7 +274,7 @@ def _quantize_rotated(
     signs, seed = signs.to(device, torch.float32), seed.to(device)
     mix = _MIX_OF_SOURCE[src.dtype] if src.is_cuda else "f32"
     h = torch.empty((nvfp4.HADAMARD_BLOCK,) * 2, dtype=_MIX_DTYPE[mix], device=device)
-    wrap_triton(_hadamard_kernel)[(1,)](h, signs)
+    wrap_triton(_hadamard_kernel)[(nvfp4.HADAMARD_BLOCK // 16,)](h, signs, 16)
     codes = torch.empty((rows, padded // 2), dtype=torch.uint8, device=device)
     scales = torch.empty((rows, padded // nvfp4.GROUP), dtype=torch.float8_e4m3fn, device=device)
     block_r, warps = TILES["nvfp4" if from_nvfp4 else "x"]
