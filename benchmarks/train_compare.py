@@ -174,7 +174,12 @@ def plot(runs: list[Run], path: Path, title: str) -> None:
 
 
 def results_section(runs: list[Run], args: argparse.Namespace, env: dict[str, str]) -> str:
-    """Markdown for the RESULTS.md section: setup, table and the claim's verdict."""
+    """Markdown for the RESULTS.md section: setup, table and the claim's verdict.
+
+    Losses are compared at the last step every backend reached and, since a long run can go past
+    the point where the model starts to overfit the corpus, at each backend's best validation
+    loss up to that step.
+    """
     step = common_step(runs)
     by_name = {run.backend: run for run in runs}
     tokens = next((run.val[step][0] for run in runs if step in run.val), None)
@@ -183,9 +188,15 @@ def results_section(runs: list[Run], args: argparse.Namespace, env: dict[str, st
         run = by_name.get(name)
         return run.val[step][1] if run and step in run.val else math.nan
 
-    bf16 = loss_at("bf16")
+    def best(name: str) -> tuple[float, int | None]:
+        run = by_name.get(name)
+        seen = [(loss, s) for s, (_, loss) in run.val.items() if s <= step] if run else []
+        return min(seen, default=(math.nan, None))
+
+    bf16, bf16_best = loss_at("bf16"), best("bf16")[0]
     how = (
-        f"--steps {args.steps}` (one device call per backend, then `--collect`)"
+        f"--steps {args.steps} --minutes-per-backend {args.minutes_per_backend}` (one device "
+        f"call per backend with `--backends NAME`, then `--collect`)"
         if args.collect
         else f"--minutes-per-backend {args.minutes_per_backend}`"
     )
@@ -194,33 +205,43 @@ def results_section(runs: list[Run], args: argparse.Namespace, env: dict[str, st
         f"torch {env['torch']}; seed {args.seed} for "
         f"every backend (same init, data order and LR schedule). Validation loss is compared at "
         f"step {step}, the last one all backends reached"
-        + (f" ({tokens:,} tokens)." if tokens else "."),
+        + (f" ({tokens:,} tokens)" if tokens else "")
+        + ", and at each backend's best validation loss up to that step.",
         "",
-        "| backend | val loss | gap to BF16 | tokens/s | steps run | seed |",
-        "|---|---|---|---|---|---|",
+        "| backend | val loss | gap to BF16 | best val loss (step) | gap to BF16's best "
+        "| tokens/s | steps run | seed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         if run.error:
-            lines.append(f"| {run.backend} | failed: {run.error} | | | | {args.seed} |")
+            lines.append(f"| {run.backend} | failed: {run.error} | | | | | | {args.seed} |")
             continue
-        loss = loss_at(run.backend)
-        gap = loss - bf16
+        loss, (low, low_step) = loss_at(run.backend), best(run.backend)
         lines.append(
-            f"| {run.backend} | {loss:.4f} | {gap:+.4f} ({100 * gap / bf16:+.2f}%) | "
-            f"{run.tokens_per_s:,.0f} | {max(run.val)} | {args.seed} |"
+            f"| {run.backend} | {loss:.4f} | {_gap(loss, bf16)} | {low:.4f} ({low_step}) | "
+            f"{_gap(low, bf16_best)} | {run.tokens_per_s:,.0f} | {max(run.val)} | {args.seed} |"
         )
-    gaps = {name: loss_at(name) - bf16 for name in ("quartet2", "sr-recipe")}
-    if not any(math.isnan(gap) for gap in gaps.values()):
-        holds = gaps["quartet2"] < gaps["sr-recipe"]
-        lines += [
-            "",
-            f"Claim \"quartet2's gap to BF16 is smaller than sr-recipe's\": "
-            f"{'holds' if holds else 'does not hold'} here ({gaps['quartet2']:+.4f} vs "
-            f"{gaps['sr-recipe']:+.4f}); one seed, so differences of a few 1e-3 are noise.",
-        ]
+    for label, value, reference in (
+        (f"at step {step}", loss_at, bf16),
+        ("at the best validation losses", lambda name: best(name)[0], bf16_best),
+    ):
+        gaps = {name: value(name) - reference for name in ("quartet2", "sr-recipe")}
+        if not any(math.isnan(gap) for gap in gaps.values()):
+            holds = gaps["quartet2"] < gaps["sr-recipe"]
+            lines += [
+                "",
+                f"Claim \"quartet2's gap to BF16 is smaller than sr-recipe's\" {label}: "
+                f"{'holds' if holds else 'does not hold'} ({gaps['quartet2']:+.4f} vs "
+                f"{gaps['sr-recipe']:+.4f}); one seed, so differences of a few 1e-3 are noise.",
+            ]
     image = os.path.relpath(args.plot.resolve(), args.results.resolve().parent)
     lines += ["", f"![validation loss vs tokens]({image})", ""]
     return "\n".join(lines)
+
+
+def _gap(loss: float, reference: float) -> str:
+    gap = loss - reference
+    return f"{gap:+.4f} ({100 * gap / reference:+.2f}%)"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,7 +27,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from quartet_compile import config as config_module
-from quartet_compile import kernels, nvfp4, ops, passes
+from quartet_compile import kernel_analysis, kernels, nvfp4, ops, passes
 from quartet_compile.config import QuartetConfig
 from quartet_compile.passes import match, rewrite
 from quartet_compile.passes.report import GraphReport
@@ -73,6 +73,7 @@ def compile_graph(
     config_patches: dict[str, Any] | None = None,
 ) -> Callable[..., Any]:
     """Compile a Dynamo graph with Inductor and the quartet2 pass on its AOTAutograd graphs."""
+    kernel_analysis.install()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     params = {
         i: _source_name(node)

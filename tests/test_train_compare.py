@@ -37,20 +37,22 @@ def test_common_step_is_the_last_one_every_successful_run_evaluated(train_compar
 
 def test_collect_builds_the_table_from_run_folders_and_flags_a_missing_run(train_compare, tmp_path):
     header = "step,tokens,train_loss,val_loss,elapsed\n"
-    for backend, losses in (("quartet2", "2.0,1.50"), ("bf16", "1.9,1.40")):
+    for backend, (early, late) in (("quartet2", (1.40, 1.60)), ("bf16", (1.30, 1.50))):
         run = tmp_path / "runs" / backend
         run.mkdir(parents=True)
-        (run / "log.csv").write_text(header + f"100,6400,{losses},9.0\n")
+        rows = f"100,6400,2.0,{early},9.0\n200,12800,1.9,{late},18.0\n"
+        (run / "log.csv").write_text(header + rows)
         (run / "summary.json").write_text('{"tokens_per_s": 1234.0}\n')
         (run / "machine.json").write_text('{"device": "GPU-X", "torch": "9.9"}\n')
     results = tmp_path / "RESULTS.md"
     train_compare.main(
-        ["--collect", "--steps", "100", "--runs-dir", str(tmp_path / "runs"),
+        ["--collect", "--steps", "200", "--runs-dir", str(tmp_path / "runs"),
          "--plot", str(tmp_path / "curves.png"), "--results", str(results),
          "--backends", "quartet2", "sr-recipe", "bf16"]
     )  # fmt: skip
     text = results.read_text()
-    assert "on GPU-X, torch 9.9" in text
-    assert "| quartet2 | 1.5000 | +0.1000 (+7.14%) | 1,234 | 100 | 0 |" in text
+    assert "on GPU-X, torch 9.9" in text and "compared at step 200" in text
+    row = "| quartet2 | 1.6000 | +0.1000 (+6.67%) | 1.4000 (100) | +0.1000 (+7.69%) | 1,234 | 200 |"
+    assert row in text
     assert "| sr-recipe | failed: no summary.json in" in text
     assert (tmp_path / "curves.png").stat().st_size > 0
