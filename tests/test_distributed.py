@@ -178,12 +178,17 @@ def quartet2_rank_losses() -> float:
         torch.compile(model, backend="quartet2", options={"inductor": False}),
         torch.device("cpu"),
     )
-    data = corpus.load_corpus(CONFIG.val_fraction)
-    batch = corpus.train_batch(data.train, CONFIG.batch_size, CONFIG.seq_len, CONFIG.seed, 1)
+    return mean_rank_loss(loss_fn, CONFIG, WORLD_SIZE)
+
+
+def mean_rank_loss(loss_fn, config: TrainConfig, world_size: int) -> float:
+    """Mean over ``world_size`` ranks of the loss of each rank's rows of the first batch."""
+    data = corpus.load_corpus(config.val_fraction)
+    batch = corpus.train_batch(data.train, config.batch_size, config.seq_len, config.seed, 1)
     with torch.no_grad():
         per_rank = [
-            loss_fn(*distributed.local_rows(batch, distributed.World("ddp", rank, WORLD_SIZE)))
-            for rank in range(WORLD_SIZE)
+            loss_fn(*distributed.local_rows(batch, distributed.World("ddp", rank, world_size)))
+            for rank in range(world_size)
         ]
     return torch.stack(per_rank).mean().item()
 

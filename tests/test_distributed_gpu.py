@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import losses
+from test_distributed import losses, mean_rank_loss
 
-from quartet_compile import corpus, distributed
 from quartet_compile.demo import PRESETS
 from quartet_compile.models.llama import Llama
 from quartet_compile.training import compile_model, next_byte_loss
@@ -72,15 +71,7 @@ def quartet2_rank_losses() -> float:
     device = torch.device("cuda")
     torch.manual_seed(CONFIG.seed)
     model = Llama(CONFIG.model).to(device)
-    loss_fn = next_byte_loss(compile_model(model, "quartet2"), device)
-    data = corpus.load_corpus(CONFIG.val_fraction)
-    batch = corpus.train_batch(data.train, CONFIG.batch_size, CONFIG.seq_len, CONFIG.seed, 1)
-    with torch.no_grad():
-        per_rank = [
-            loss_fn(*distributed.local_rows(batch, distributed.World("ddp", rank, GPUS)))
-            for rank in range(GPUS)
-        ]
-    return torch.stack(per_rank).mean().item()
+    return mean_rank_loss(next_byte_loss(compile_model(model, "quartet2"), device), CONFIG, GPUS)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
