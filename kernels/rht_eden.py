@@ -15,8 +15,6 @@ baseline needs the tensor amax before its scales too: an amax pass, then the qua
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -45,12 +43,10 @@ INV_SQRT_BLOCK: tl.constexpr = tl.constexpr(nvfp4.INV_SQRT_BLOCK)
 INV_EDEN_FP4_MAX: tl.constexpr = tl.constexpr(1.0 / nvfp4.EDEN_FP4_MAX)
 INV_E2M1_MAX: tl.constexpr = tl.constexpr(1.0 / nvfp4.E2M1_MAX)
 # (rows per program, warps) of the data passes, for plain/transposed inputs and for NVFP4 ones
-# (their rows are bytes: 64 columns make 32-byte loads). The persistent EDEN pass keeps the +-1
-# matrix in shared memory and needs 105 / 128 registers at 8 warps (175 / 178 at 4 warps, which
-# would halve the resident warps); no spills (ptxas). Swept in benchmarks/kernels.py.
-TILES = {"x": (64, 8), "nvfp4": (64, 8)}
-# Resident warps per SM the persistent EDEN pass aims at (programs per SM = this / warps).
-WARPS_PER_SM = 16
+# (their rows are bytes: 64 columns make 32-byte loads). No register spills (ptxas: 110 and 128
+# registers); the fastest of the sweep in benchmarks/kernels.py (168 / 190 us against 179 / 218
+# us for 8 warps at 16384x4096).
+TILES = {"x": (64, 4), "nvfp4": (64, 4)}
 # Tensor-core operand type that holds each source's values exactly (uint8 = NVFP4 unit values).
 _MIX_OF_SOURCE = {
     torch.bfloat16: "bf16",
@@ -67,18 +63,14 @@ _MIX_DTYPE = {
 
 
 @triton.jit
-def _load_h(h_ptr):
-    """diag(signs) · H_128 as _hadamard_kernel wrote it (in the mix's operand type)."""
-    return tl.load(h_ptr + tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :])
-
-
-@triton.jit
-def _mix(x, h, MIX: tl.constexpr):
-    """x @ h for x whose values are exact in the MIX operand type (h from _load_h).
+def _mix(x, h_ptr, MIX: tl.constexpr):
+    """x @ H for x whose values are exact in the MIX operand type (H = diag(signs) · H_128, in
+    h_ptr's type).
 
     "bf16"/"fp16": one tensor-core dot; "bf16x3": three bf16 slices carry all 24 bits of a
     float32 input; "f32": a float32 dot, for the interpreter, whose tl.dot mishandles bf16.
     """
+    h = tl.load(h_ptr + tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :])
     if MIX == "f32":
         return tl.dot(x.to(tl.float32), h, input_precision="ieee")
     elif MIX == "bf16x3":
@@ -92,86 +84,55 @@ def _mix(x, h, MIX: tl.constexpr):
 
 @triton.jit
 def _rotated_tile(
-    src_ptr, src_scales_ptr, src_ts_ptr, h, rb, cb, rows, red, stride_r, stride_k,
+    src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, rows, red, stride_r, stride_k,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """[BLOCK_R, 128] float32 rotated values of row block ``rb`` and reduction block ``cb``.
+    """[BLOCK_R, 128] float32 rotated values of this program's rows and reduction block.
 
     Logical input X'[r, k] = src[r * stride_r + k * stride_k], zero beyond ``rows``/``red``.
     With FROM_NVFP4, X'[r, k] = deq(triple)[k, r]: the triple's rows are loaded as they lie
     (coalesced) and transposed in registers; the unit values e2m1 * e4m3 are exact in bf16, so
     the tensor scale is applied after the mix.
     """
-    row = (rb * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
-    kk = cb * BLOCK + tl.arange(0, BLOCK)[None, :]
+    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    kk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
     if FROM_NVFP4:
-        k_rows = (cb * BLOCK + tl.arange(0, BLOCK))[:, None]
-        units = unit_tile(src_ptr, src_scales_ptr, k_rows, rb * BLOCK_R, red, rows, BLOCK_R)
-        acc = _mix(tl.trans(units), h, MIX) * tl.load(src_ts_ptr)
+        k_rows = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[:, None]
+        units = unit_tile(src_ptr, src_scales_ptr, k_rows, tl.program_id(0) * BLOCK_R, red, rows,
+                          BLOCK_R)  # fmt: skip
+        acc = _mix(tl.trans(units), h_ptr, MIX) * tl.load(src_ts_ptr)
     else:
         offs = row.to(tl.int64) * stride_r + kk.to(tl.int64) * stride_k
         x = tl.load(src_ptr + offs, mask=(row < rows) & (kk < red), other=0.0)
-        acc = _mix(x, h, MIX)
+        acc = _mix(x, h_ptr, MIX)
     return _unpermute(acc, BLOCK_R) * INV_SQRT_BLOCK
 
 
 @triton.jit
-def _store_tile(ptr, values, rb, cb, rows, row_stride, BLOCK_R: tl.constexpr):
-    """Store [BLOCK_R, n] at row block ``rb``, columns cb * n + [0, n)."""
-    row = (rb * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
-    col = cb * values.shape[1] + tl.arange(0, values.shape[1])[None, :]
+def _store_tile(ptr, values, rows, row_stride, BLOCK_R: tl.constexpr):
+    """Store [BLOCK_R, n] at this program's rows, columns program_id(1) * n + [0, n)."""
+    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    col = tl.program_id(1) * values.shape[1] + tl.arange(0, values.shape[1])[None, :]
     tl.store(ptr + row.to(tl.int64) * row_stride + col, values, mask=row < rows)
 
 
 @triton.jit
 def _store_partial_max(partial_ptr, values):
     """One max per program (NaN counts as +inf, so the tensor scale becomes NaN as in torch)."""
+    values = tl.where(values != values, float("inf"), values)
     pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    tl.store(partial_ptr + pid, tl.max(tl.max(tl.max(_nan_as_inf(values), 2), 1), 0))
-
-
-@triton.jit
-def _nan_as_inf(values):
-    return tl.where(values != values, float("inf"), values)
+    tl.store(partial_ptr + pid, tl.max(tl.max(tl.max(values, 2), 1), 0))
 
 
 @triton.jit
 def _eden_data_kernel(
     src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, codes_ptr, corrected_ptr, partial_ptr,
     rows, red, stride_r, stride_k, padded,
-    FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr, ITERS: tl.constexpr,
-):  # fmt: skip
-    """nvfp4.eden_codes_and_scales on rotated tiles: codes, corrected scales, one partial max
-    per program.
-
-    Persistent: each program loads the +-1 matrix once and walks tiles pid, pid + programs, ...
-    (loaded per tile, the matrix cost twice the tile's own bytes in L2 reads). ITERS, the tiles
-    per program, is a compile-time bound because the interpreter cannot loop to a run-time one.
-    """
-    h = _load_h(h_ptr)
-    col_blocks = padded // BLOCK
-    tiles = tl.cdiv(rows, BLOCK_R) * col_blocks
-    running = tl.zeros((BLOCK_R, BLOCK // 16), tl.float32)
-    for i in range(ITERS):
-        t = tl.program_id(0) + i * tl.num_programs(0)
-        if t < tiles:
-            running = _eden_tile(
-                src_ptr, src_scales_ptr, src_ts_ptr, h, codes_ptr, corrected_ptr, running,
-                t // col_blocks, t % col_blocks, rows, red, stride_r, stride_k, padded,
-                FROM_NVFP4, MIX, BLOCK_R,
-            )  # fmt: skip
-    tl.store(partial_ptr + tl.program_id(0), tl.max(tl.max(running, 1), 0))
-
-
-@triton.jit
-def _eden_tile(
-    src_ptr, src_scales_ptr, src_ts_ptr, h, codes_ptr, corrected_ptr, running, rb, cb,
-    rows, red, stride_r, stride_k, padded,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """One tile of the EDEN data pass; returns the running max of corrected scales."""
+    """nvfp4.eden_codes_and_scales on one rotated tile: codes, corrected scales, partial max."""
     v = _rotated_tile(
-        src_ptr, src_scales_ptr, src_ts_ptr, h, rb, cb, rows, red, stride_r, stride_k,
+        src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, rows, red, stride_r, stride_k,
         FROM_NVFP4, MIX, BLOCK_R,
     )  # fmt: skip
     g = tl.reshape(v, (BLOCK_R, BLOCK // 16, 16))
@@ -179,15 +140,16 @@ def _eden_tile(
     u = g * reciprocal(s)
     magnitude = e2m1_round(u)
     codes = e2m1_code(u, magnitude)
-    # A per-element select keeps each product a separate rounding, as in torch: otherwise
-    # the compiler fuses it into the sum's first addition (an FMA rounds once, so k differs).
+    # A per-element select keeps each product a separate rounding, as in torch: otherwise the
+    # compiler fuses it into the sum's first addition (an FMA rounds once, so k differs).
     uc = pairwise_sum16(tl.where(u != 0, tl.abs(u) * magnitude, 0.0))
     uu = pairwise_sum16(tl.where(u != 0, u * u, 0.0))
-    corrected = tl.reshape(s * tl.where(uc != 0, divide(uu, uc), 1.0), (BLOCK_R, BLOCK // 16))
-    _store_tile(codes_ptr, pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK))), rb, cb, rows,
-                padded // 2, BLOCK_R)  # fmt: skip
-    _store_tile(corrected_ptr, corrected, rb, cb, rows, padded // 16, BLOCK_R)
-    return tl.maximum(running, _nan_as_inf(corrected))
+    corrected = s * tl.where(uc != 0, divide(uu, uc), 1.0)
+    _store_tile(codes_ptr, pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK))), rows, padded // 2,
+                BLOCK_R)  # fmt: skip
+    _store_tile(corrected_ptr, tl.reshape(corrected, (BLOCK_R, BLOCK // 16)), rows, padded // 16,
+                BLOCK_R)  # fmt: skip
+    _store_partial_max(partial_ptr, corrected)
 
 
 @triton.jit
@@ -210,8 +172,8 @@ def _absmax_kernel(
 ):  # fmt: skip
     """max|v| of one rotated tile (the SR baseline's tensor amax, first pass)."""
     v = _rotated_tile(
-        src_ptr, src_scales_ptr, src_ts_ptr, _load_h(h_ptr), tl.program_id(0), tl.program_id(1),
-        rows, red, stride_r, stride_k, FROM_NVFP4, MIX, BLOCK_R,
+        src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, rows, red, stride_r, stride_k,
+        FROM_NVFP4, MIX, BLOCK_R,
     )  # fmt: skip
     _store_partial_max(partial_ptr, tl.reshape(tl.abs(v), (BLOCK_R, BLOCK, 1)))
 
@@ -224,8 +186,8 @@ def _sr_kernel(
 ):  # fmt: skip
     """nvfp4.sr_quantize on one rotated tile: ceil-E4M3 scales, element-wise SR to E2M1."""
     v = _rotated_tile(
-        src_ptr, src_scales_ptr, src_ts_ptr, _load_h(h_ptr), tl.program_id(0), tl.program_id(1),
-        rows, red, stride_r, stride_k, FROM_NVFP4, MIX, BLOCK_R,
+        src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, rows, red, stride_r, stride_k,
+        FROM_NVFP4, MIX, BLOCK_R,
     )  # fmt: skip
     g = tl.reshape(v, (BLOCK_R, BLOCK // 16, 16))
     ts = tl.load(ts_ptr)
@@ -246,10 +208,9 @@ def _sr_kernel(
     idx = lo_idx + (tl.reshape(uniform, (BLOCK_R, BLOCK // 16, 16)) < frac).to(tl.int32)
     codes = ((u < 0).to(tl.int32) << 3) | idx
     scale = tl.where(gmax == 0, 1.0, scale).to(tl.float8e4nv)
-    rb, cb = tl.program_id(0), tl.program_id(1)
-    _store_tile(codes_ptr, pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK))), rb, cb, rows,
-                padded // 2, BLOCK_R)  # fmt: skip
-    _store_tile(scales_ptr, tl.reshape(scale, (BLOCK_R, BLOCK // 16)), rb, cb, rows, padded // 16,
+    _store_tile(codes_ptr, pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK))), rows, padded // 2,
+                BLOCK_R)  # fmt: skip
+    _store_tile(scales_ptr, tl.reshape(scale, (BLOCK_R, BLOCK // 16)), rows, padded // 16,
                 BLOCK_R)  # fmt: skip
 
 
@@ -318,15 +279,14 @@ def _quantize_rotated(
     scales = torch.empty((rows, padded // nvfp4.GROUP), dtype=torch.float8_e4m3fn, device=device)
     block_r, warps = TILES["nvfp4" if from_nvfp4 else "x"]
     grid = (triton.cdiv(rows, block_r), padded // nvfp4.HADAMARD_BLOCK)
+    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=device)
     source = (src, src_scales, src_ts, h)
     shape = (rows, red, *strides)
     consts = dict(FROM_NVFP4=from_nvfp4, MIX=mix, BLOCK_R=block_r, num_warps=warps)
     if method == "eden":
-        programs, iters = _persistent_grid(grid[0] * grid[1], warps, device)
-        partial = torch.empty(programs, dtype=torch.float32, device=device)
         corrected = torch.empty(scales.shape, dtype=torch.float32, device=device)
-        wrap_triton(_eden_data_kernel)[(programs,)](
-            *source, codes, corrected, partial, *shape, padded, **consts, ITERS=iters
+        wrap_triton(_eden_data_kernel)[grid](
+            *source, codes, corrected, partial, *shape, padded, **consts
         )
         ts = nvfp4._safe_tensor_scale(partial.amax(), nvfp4.EDEN_FP8_MAX)
         n = corrected.numel()
@@ -334,28 +294,10 @@ def _quantize_rotated(
             corrected, ts, seed, scales, n, 1024
         )
     else:
-        partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=device)
         wrap_triton(_absmax_kernel)[grid](*source, partial, *shape, **consts)
         ts = nvfp4._safe_tensor_scale(partial.amax(), nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)
         wrap_triton(_sr_kernel)[grid](*source, ts, seed, codes, scales, *shape, padded, **consts)
     return codes, scales, ts
-
-
-def _persistent_grid(tiles: int, warps: int, device: torch.device) -> tuple[int, int]:
-    """(programs, tiles per program) of the persistent EDEN data pass: WARPS_PER_SM / warps
-    programs per SM on CUDA, a few on the CPU (so that the interpreter tests walk several tiles
-    per program). Tiles per program are rounded up to a power of two: each value compiles its
-    own kernel, and a model's layer shapes then share a handful."""
-    limit = 3
-    if device.type == "cuda":
-        limit = max(1, WARPS_PER_SM // warps) * _sm_count(device.index or 0)
-    iters = triton.next_power_of_2(triton.cdiv(tiles, limit))
-    return triton.cdiv(tiles, iters), iters
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def rht_quantize(
