@@ -13,8 +13,8 @@ Two Hopper designs, measured by benchmarks/kernels.py (RESULTS.md, "## Kernels")
   per 16384x4096 product, and Inductor fuses the bf16 epilogue into whatever consumes it.
 - "fused": one Triton GEMM that loads the packed codes and scales (a quarter of the bytes) and
   dequantizes them in registers with bit tricks before each ``tl.dot``.
-``DESIGN`` names the one the op uses: "cublas", at 82% of BF16 cuBLAS at 8192^3 and 92% at
-16384^3 on the H100, against ~30% for "fused" (benchmarks/NOTES.md).
+``DESIGN`` names the one the op uses: "cublas", compiled at 92% of BF16 cuBLAS at 8192^3 and 98%
+at 16384^3 on the H100, against ~30% for "fused" (benchmarks/NOTES.md).
 
 On Blackwell (capability >= 10) ``tl.dot_scaled`` takes the packed codes and E4M3 scales
 directly (``_dot_scaled_kernel``). That path has not run anywhere: this project has no Blackwell
