@@ -16,9 +16,12 @@ Two Hopper designs, measured by benchmarks/kernels.py (RESULTS.md, "## Kernels")
 ``DESIGN`` names the one the op uses: "cublas", compiled at 92% of BF16 cuBLAS at 8192^3 and 98%
 at 16384^3 on the H100, against ~30% for "fused" (benchmarks/NOTES.md).
 
-On Blackwell (capability >= 10) ``tl.dot_scaled`` takes the packed codes and E4M3 scales
-directly (``_dot_scaled_kernel``). That path has not run anywhere: this project has no Blackwell
-GPU, Triton 3.6 does not compile it for sm_90, and its interpreter does not implement dot_scaled.
+Blackwell (capability >= 10): "dot_scaled" hands the packed codes and E4M3 scales straight to
+``tl.dot_scaled`` (``_dot_scaled_kernel``). That design has not run anywhere (no Blackwell GPU
+here; Triton 3.6 does not compile it for sm_90 and its interpreter does not implement
+dot_scaled), so it is opt-in (``design="dot_scaled"``) and the op uses "cublas" on Blackwell
+too; tests/test_kernels_gpu.py checks it against the reference on a capability-10 GPU, after
+which it can become the default there.
 """
 
 from __future__ import annotations
@@ -130,7 +133,11 @@ def gemm(
     a_codes, a_scales = a_codes.contiguous(), a_scales.contiguous()
     b_codes, b_scales = b_codes.contiguous(), b_scales.contiguous()
     on_cuda = a_codes.is_cuda
-    if on_cuda and torch.cuda.get_device_capability(a_codes.device)[0] >= 10:
+    if design == "dot_scaled":
+        if not on_cuda or torch.cuda.get_device_capability(a_codes.device)[0] < 10:
+            raise ValueError(
+                'GEMM design "dot_scaled" needs a Blackwell GPU (capability >= 10); use "cublas"'
+            )
         out = torch.empty((M, N), dtype=out_dtype, device=a_codes.device)
         grid = (triton.cdiv(M, 128), triton.cdiv(N, 128))
         wrap_triton(_dot_scaled_kernel)[grid](

@@ -192,3 +192,5 @@ def test_kernels_reject_bad_inputs_clearly():
     a, b = q.quantize_rtn(x), q.quantize_rtn(x[:, :64])
     with pytest.raises(ValueError, match="disagree on K"):
         gemm.gemm(*a, *b, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"needs a Blackwell GPU \(capability >= 10\)"):
+        gemm.gemm(*a, *a, torch.bfloat16, design="dot_scaled")

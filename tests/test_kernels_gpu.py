@@ -140,7 +140,21 @@ def test_requant_matches_reference_bit_for_bit(method):
 # ------------------------------------------------------------------------------------ gemm
 
 
-@pytest.mark.parametrize("design", ["cublas", "fused"])
+def _blackwell() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 10
+
+
+@pytest.mark.parametrize(
+    "design",
+    [
+        "cublas",
+        "fused",
+        pytest.param(
+            "dot_scaled",
+            marks=pytest.mark.skipif(not _blackwell(), reason="tl.dot_scaled needs Blackwell"),
+        ),
+    ],
+)
 def test_gemm_matches_reference(design):
     a = q.quantize_rtn(_gaussian(4096 - 24, 4096, seed=11, dtype=torch.float32))
     b = q.quantize_rtn(_gaussian(2048, 4096, seed=12, dtype=torch.float32))
