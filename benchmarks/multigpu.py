@@ -25,16 +25,12 @@ from pathlib import Path
 import torch
 
 from quartet_compile.demo import PRESETS
+from quartet_compile.distributed import NO_MULTICAST
 from quartet_compile.training import SUMMARY_NAME
 from results import markdown_table, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "Multi-GPU"
-NO_MULTICAST = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
 
 
 @dataclass

@@ -36,6 +36,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 MODES = ("none", "ddp", "fsdp2")
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Environment that keeps NVLink multicast off (NCCL, symmetric memory, NVSHMEM), as the lent
+# GPU machines require; the launchers of multi-GPU runs add it to their children's environment.
+NO_MULTICAST = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 from test_distributed import losses, mean_rank_loss
 
 from quartet_compile.demo import PRESETS
+from quartet_compile.distributed import NO_MULTICAST
 from quartet_compile.models.llama import Llama
 from quartet_compile.training import compile_model, next_byte_loss
 
@@ -29,12 +30,6 @@ pytestmark = [
 GPUS = 2
 STEPS = 8
 CONFIG = dataclasses.replace(PRESETS["tiny"], steps=STEPS)
-# NVLink multicast off (NCCL, symmetric memory, NVSHMEM), as the lent machines require.
-NO_MULTICAST = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
 
 
 def demo(out: Path, backend: str, mode: str = "none") -> Path:
