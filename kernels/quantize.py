@@ -7,10 +7,13 @@ reference bit-for-bit.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+from triton.language.extra import libdevice
 
 from quartet_compile import nvfp4
 
@@ -18,6 +21,8 @@ from quartet_compile import nvfp4
 # (fewer groups than threads would duplicate work); 110 registers, no spills (ptxas); the fastest
 # of the sweep in benchmarks/kernels.py (135 us vs 141 us for (8, 256, 4) at 16384x4096).
 TILE = (16, 256, 4)
+# Triton decides when a kernel is decorated whether it runs in the interpreter; so does this.
+INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -115,6 +120,17 @@ def unit_tile(codes_ptr, scales_ptr, row, k0, rows, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def product(a, b):
+    """a * b rounded on its own, as torch rounds every product of the reference's sums: on the
+    GPU ``mul.rn``, which the compiler never contracts into an FMA with the addition that
+    follows; plain ``*`` in the interpreter (no libdevice there, and numpy never contracts)."""
+    if INTERPRETED:
+        return a * b
+    else:
+        return libdevice.mul_rn(a, b)
+
+
+@triton.jit
 def clamp_max(x, hi):
     """min(x, hi) that keeps NaN (tl.minimum would return hi)."""
     return tl.where(x > hi, hi, x)
@@ -163,9 +179,15 @@ def e4m3_stochastic(x, uniform):
 
 
 @triton.jit
-def philox_uniform(seed, offsets):
-    """nvfp4.philox_uniform: the top 24 bits of tl.randint as a float32 in [0, 1)."""
-    return (tl.randint(seed, offsets) >> 8).to(tl.float32) * (2.0**-24)
+def philox_uniform4(seed, counters):
+    """nvfp4.seeded_uniform's draws 4 * counters + [0, 4), shaped counters.shape + (2, 2):
+    row-major in the offset, so reshaping the last three dims into one lines them up.
+
+    One tl.randint4x per counter: its four words are the draws of four consecutive offsets.
+    """
+    w0, w1, w2, w3 = tl.randint4x(seed, counters)
+    words = tl.join(tl.join(w0, w2), tl.join(w1, w3))
+    return (words >> 8).to(tl.float32) * (2.0**-24)
 
 
 # ------------------------------------------------------------------------------------ kernel

@@ -33,7 +33,8 @@ from quartet_compile.kernels.quantize import (
     group_absmax,
     pack_nibbles,
     pairwise_sum16,
-    philox_uniform,
+    philox_uniform4,
+    product,
     reciprocal,
     unit_tile,
 )
@@ -140,10 +141,8 @@ def _eden_data_kernel(
     u = g * reciprocal(s)
     magnitude = e2m1_round(u)
     codes = e2m1_code(u, magnitude)
-    # A per-element select keeps each product a separate rounding, as in torch: otherwise the
-    # compiler fuses it into the sum's first addition (an FMA rounds once, so k differs).
-    uc = pairwise_sum16(tl.where(u != 0, tl.abs(u) * magnitude, 0.0))
-    uu = pairwise_sum16(tl.where(u != 0, u * u, 0.0))
+    uc = pairwise_sum16(product(tl.abs(u), magnitude))
+    uu = pairwise_sum16(product(u, u))
     corrected = s * tl.where(uc != 0, divide(uu, uc), 1.0)
     _store_tile(codes_ptr, pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK))), rows, padded // 2,
                 BLOCK_R)  # fmt: skip
@@ -157,9 +156,9 @@ def _eden_scales_kernel(corrected_ptr, ts_ptr, seed_ptr, scales_ptr, n, BLOCK_N:
     """Stored E4M3 scale = SR(S / tensor_scale), 1 for an all-zero group."""
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     corrected = tl.load(corrected_ptr + offs, mask=offs < n, other=0.0)
-    stored = e4m3_stochastic(
-        divide(corrected, tl.load(ts_ptr)), philox_uniform(tl.load(seed_ptr), offs)
-    )
+    counters = tl.program_id(0) * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
+    uniform = tl.reshape(philox_uniform4(tl.load(seed_ptr), counters), (BLOCK_N,))
+    stored = e4m3_stochastic(divide(corrected, tl.load(ts_ptr)), uniform)
     stored = tl.where(corrected == 0, 1.0, stored)
     tl.store(scales_ptr + offs, stored.to(tl.float8e4nv), mask=offs < n)
 
@@ -202,9 +201,10 @@ def _sr_kernel(
     lo = e2m1_value(lo_idx)
     # The step to the next E2M1 value is 0.5, 1 or 2: multiplying by its inverse is exact.
     frac = (a - lo) * tl.where(lo_idx < 4, 2.0, tl.where(lo_idx < 6, 1.0, 0.5))
+    # Offset row * padded + col draws from counter row * padded / 4 + col / 4.
     row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
-    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
-    uniform = philox_uniform(tl.load(seed_ptr), row * padded + col)
+    quad = tl.program_id(1) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)[None, :]
+    uniform = philox_uniform4(tl.load(seed_ptr), row * (padded // 4) + quad)
     idx = lo_idx + (tl.reshape(uniform, (BLOCK_R, BLOCK // 16, 16)) < frac).to(tl.int32)
     codes = ((u < 0).to(tl.int32) << 3) | idx
     scale = tl.where(gmax == 0, 1.0, scale).to(tl.float8e4nv)
@@ -256,8 +256,8 @@ def _hadamard_kernel(h_ptr, signs_ptr, ROWS: tl.constexpr):
 
 def _quantize_rotated(
     src: torch.Tensor,
-    src_scales: torch.Tensor,
-    src_ts: torch.Tensor,
+    src_scales: torch.Tensor | None,
+    src_ts: torch.Tensor | None,
     strides: tuple[int, int],
     rows: int,
     red: int,
@@ -307,8 +307,10 @@ def rht_quantize(
     check_quantizable(x, 1)
     rows, red = (x.shape[1], x.shape[0]) if transpose else x.shape
     strides = (x.stride(1), x.stride(0)) if transpose else (x.stride(0), x.stride(1))
-    # x stands in for the NVFP4 scale / tensor-scale pointers, which this path never reads.
-    return _quantize_rotated(x, x, x, strides, rows, red, signs, seed, method, False)
+    # No NVFP4 scale / tensor-scale pointers on this path: None, not x again, because a graph
+    # passing one tensor as three kernel arguments gets a copy of it for each (seen in
+    # Inductor's output: six bf16 copies of dy per backward).
+    return _quantize_rotated(x, None, None, strides, rows, red, signs, seed, method, False)
 
 
 def requant(

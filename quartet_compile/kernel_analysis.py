@@ -3,10 +3,12 @@
 Every ``wrap_triton`` call in a graph is analysed by lowering its kernel to TTIR to find the
 arguments it stores to, and that analysis runs again for each call node at several compile
 stages. A model repeats the same few kernel calls per linear layer, so on the H100 a 2-layer
-Llama spent 33 of its 85 compile seconds in 384 such analyses. The answer depends only on the
-kernel and on the types and constant values of its arguments, so it is cached per
-(kernel, argument signature), for kernels of ``quartet_compile`` only: other kernels in the same
-process are analysed exactly as before.
+Llama spent 33 of its 85 compile seconds in 384 such analyses. The analysis compiles the kernel
+for stand-in arguments (every tensor becomes a 2-element tensor of its dtype), so its answer
+depends only on what Triton specializes on: tensor dtypes, constexpr values, and for integers
+whether they are 1, divisible by 16 and 32-bit. It is cached per (kernel, that signature) for
+kernels of ``quartet_compile`` only, so layers of different widths share one analysis; other
+kernels in the same process are analysed exactly as before.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import inspect
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import sympy
 import torch
 from torch._higher_order_ops import triton_kernel_wrap
 
 # torch 2.11 names the analysis identify_mutated_tensors; later versions identify_accessed_tensors.
 _NAMES = ("identify_accessed_tensors", "identify_mutated_tensors")
-_SCALARS = (bool, int, float, str, type(None), torch.dtype)
+# Arguments Triton sees by value (bool before int: a bool is an int).
+_EXACT = (bool, str, type(None), torch.dtype)
 
 
 def install() -> None:
@@ -58,9 +62,12 @@ def _key(arguments: dict[str, Any]) -> Hashable | None:
         "quartet_compile"
     ):
         return None
+    constexprs = {p.name for p in getattr(kernel, "params", ()) if p.is_constexpr}
     rest = {k: v for k, v in arguments.items() if k not in ("kernel", "kwargs")}
     try:
-        described = tuple(sorted((name, _describe(value)) for name, value in kwargs.items()))
+        described = tuple(
+            sorted((name, _describe(value, name in constexprs)) for name, value in kwargs.items())
+        )
         key = (kernel, described, repr(rest))
         hash(key)
     except (TypeError, NotImplementedError, AttributeError):
@@ -68,11 +75,17 @@ def _key(arguments: dict[str, Any]) -> Hashable | None:
     return key
 
 
-def _describe(value: Any) -> Hashable:
-    """What the analysis sees of one argument: a tensor's dtype and shape, a constant's value."""
-    if isinstance(value, torch.Tensor):
-        return ("tensor", value.dtype, tuple(value.shape))
-    if isinstance(value, _SCALARS):
+def _describe(value: Any, constexpr: bool) -> Hashable:
+    """What Triton specializes on for one argument (see the module docstring)."""
+    if constexpr or isinstance(value, _EXACT):
         return (type(value).__name__, value)
+    if isinstance(value, int):
+        return ("int", value == 1, value % 16 == 0, -(2**31) <= value < 2**31)
+    if isinstance(value, float):
+        return ("float",)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype)
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)):
+        return ("symbolic",)  # the analysis replaces these by the constant 2
     # Inductor's IR nodes (TensorBox and friends) at lowering time.
-    return ("ir", value.get_dtype(), str(value.get_size()))
+    return ("tensor", value.get_dtype())

@@ -158,7 +158,7 @@ def e4m3_stochastic(x: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Random numbers: the counter-based Philox of triton.language.randint, so kernels and the
+# Random numbers: the counter-based Philox of triton.language.randint4x, so kernels and the
 # reference draw the same numbers from the same (seed, offset).
 # --------------------------------------------------------------------------------------------
 
@@ -173,12 +173,19 @@ def _umulhi32(a: int, b: torch.Tensor) -> torch.Tensor:
     return (mid >> 16) & _M32
 
 
-def philox_randint(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """uint32 draws (as int64) equal to ``tl.randint(seed, offsets)`` for int32 offsets."""
+def _umullo32(a: int, b: torch.Tensor) -> torch.Tensor:
+    # The low word of a * b without the int64 overflow that compiled C++ must not rely on.
+    return (a * (b & 0xFFFF) + (((a * (b >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def philox_randint4(
+    seed: torch.Tensor, counters: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four uint32 words (as int64) of ``tl.randint4x(seed, counters)``, int32 counters."""
     seed = seed.to(torch.int64)
     k0 = seed & _M32
     k1 = (seed >> 32) & _M32
-    c0 = offsets.to(torch.int64) & _M32
+    c0 = counters.to(torch.int64) & _M32
     c1 = torch.zeros_like(c0)
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -186,22 +193,24 @@ def philox_randint(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         _c0, _c2 = c0, c2
         c0 = _umulhi32(0xCD9E8D57, _c2) ^ c1 ^ k0
         c2 = _umulhi32(0xD2511F53, _c0) ^ c3 ^ k1
-        c1 = (0xCD9E8D57 * _c2) & _M32
-        c3 = (0xD2511F53 * _c0) & _M32
+        c1 = _umullo32(0xCD9E8D57, _c2)
+        c3 = _umullo32(0xD2511F53, _c0)
         k0 = (k0 + 0x9E3779B9) & _M32
         k1 = (k1 + 0xBB67AE85) & _M32
-    return c0
-
-
-def philox_uniform(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Uniform [0, 1) float32 from the top 24 bits of each draw (exact in float32)."""
-    return (philox_randint(seed, offsets) >> 8).to(torch.float32) * (2.0**-24)
+    return c0, c1, c2, c3
 
 
 def seeded_uniform(seed: torch.Tensor, shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """One uniform draw per element of ``shape``, element i at Philox offset i (row-major)."""
-    offsets = torch.arange(math.prod(shape), device=device, dtype=torch.int64)
-    return philox_uniform(seed.to(device), offsets).reshape(shape)
+    """One uniform [0, 1) float32 per element of ``shape`` (row-major index i): the top 24 bits
+    (exact in float32) of word i % 4 of Philox at counter i // 4.
+
+    One Philox evaluation (ten rounds of 32-bit multiplies) serves four consecutive elements,
+    which keeps the kernels' scale-rounding pass from being bound by its random numbers.
+    """
+    n = math.prod(shape)
+    counters = torch.arange((n + 3) // 4, device=device, dtype=torch.int64)
+    words = torch.stack(philox_randint4(seed.to(device), counters), dim=-1).flatten()[:n]
+    return ((words >> 8).to(torch.float32) * (2.0**-24)).reshape(shape)
 
 
 # --------------------------------------------------------------------------------------------

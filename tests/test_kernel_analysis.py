@@ -36,10 +36,19 @@ def test_our_kernels_are_analysed_once_per_signature(analysis: list[str]):
     first.append("caller's own list")  # a caller mutating its result must not poison the cache
     again = _analyse(quantize._quantize_rtn_kernel, x_ptr=x.clone(), rows=64, FOUR_OVER_SIX=True)
     assert again == ["codes_ptr"] and len(analysis) == 1
+    # Another layer's width: same dtypes and the same integer specialization (multiple of 16).
+    wider = torch.empty(128, 512, dtype=torch.bfloat16)
+    _analyse(quantize._quantize_rtn_kernel, x_ptr=wider, rows=4096, FOUR_OVER_SIX=True)
+    assert len(analysis) == 1
     _analyse(quantize._quantize_rtn_kernel, x_ptr=x.float(), rows=64, FOUR_OVER_SIX=True)
     _analyse(quantize._quantize_rtn_kernel, x_ptr=x, rows=64, FOUR_OVER_SIX=False)
-    _analyse(quantize._quantize_rtn_kernel, x_ptr=x, rows=32, FOUR_OVER_SIX=True)
-    assert len(analysis) == 4  # dtype, constexpr and int value each make a new signature
+    _analyse(quantize._quantize_rtn_kernel, x_ptr=x, rows=1, FOUR_OVER_SIX=True)
+    _analyse(quantize._quantize_rtn_kernel, x_ptr=x, rows=24, FOUR_OVER_SIX=True)
+    _analyse(quantize._quantize_rtn_kernel, x_ptr=x, rows=2**32, FOUR_OVER_SIX=True)
+    _analyse(quantize._quantize_rtn_kernel, x_ptr=x, rows=64, FOUR_OVER_SIX=True, BLOCK_R=8)
+    _analyse(quantize._quantize_rtn_kernel, x_ptr=x, rows=64, FOUR_OVER_SIX=True, BLOCK_R=16)
+    # dtype, constexpr value, == 1, not divisible by 16, 64-bit, and each BLOCK_R value
+    assert len(analysis) == 8
 
 
 def test_other_kernels_and_undescribable_arguments_are_always_analysed(analysis: list[str]):
