@@ -4,7 +4,7 @@ Quantizers: achieved GB/s (fewest bytes: input read once, codes + scales written
 the device's measured copy bandwidth (bytes read + written by a 1 GiB device-to-device copy).
 GEMM: TFLOP/s (2*M*N*K) of both NVFP4 designs, dequantization included, next to torch.mm in
 BF16 (cuBLAS). Every figure is the median of triton.testing.do_bench_cudagraph on random data;
-the ops run in CUDA graphs, so their small launches (Hadamard matrix, zeroed amax scalar)
+the ops run in CUDA graphs, so their few small torch launches (tensor scale, partial maxima)
 cost device time only, as they do inside a compiled graph. Capturing also proves the ops make
 no host synchronisation.
 """

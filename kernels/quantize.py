@@ -53,22 +53,6 @@ def reciprocal(x):
 
 
 @triton.jit
-def tensor_scale(amax, DIVISOR: tl.constexpr):
-    """nvfp4._safe_tensor_scale of a scalar amax: amax / DIVISOR (IEEE), 1 for an all-zero
-    tensor, NaN when amax is not finite. Computed in-kernel, so the graph needs no extra nodes
-    for it."""
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, DIVISOR, tl.float32)), 1.0)
-    return tl.where(tl.abs(amax) < float("inf"), scale, float("nan"))
-
-
-@triton.jit
-def store_if_first(ptr, value):
-    """Store a scalar once per launch (from the first program), e.g. an op's tensor scale."""
-    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-        tl.store(ptr, value)
-
-
-@triton.jit
 def e2m1_round(u):
     """|RTN(u)| to E2M1 as a float32: midpoint ties to the even index, saturating at 6.
 
@@ -235,15 +219,13 @@ def _rtn_candidate(g, gmax, ts, TARGET: tl.constexpr):
 @triton.jit
 def _quantize_rtn_kernel(
     x_ptr,
-    amax_ptr,
+    ts_ptr,
     codes_ptr,
     scales_ptr,
-    ts_ptr,
     rows,
     cols,
     stride_x,
     FOUR_OVER_SIX: tl.constexpr,
-    DIVISOR: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -256,8 +238,7 @@ def _quantize_rtn_kernel(
     mask = (row[:, :, None] < rows) & (grp < cols // 16)
     halves = tl.join(tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + 8, mask=mask, other=0.0))
     g = tl.reshape(tl.permute(halves.to(tl.float32), (0, 1, 3, 2)), (BLOCK_R, BLOCK_C // 16, 16))
-    ts = tensor_scale(tl.load(amax_ptr).to(tl.float32), DIVISOR)
-    store_if_first(ts_ptr, ts)
+    ts = tl.load(ts_ptr)
     gmax = group_absmax(g)
     u, magnitude, scale, err = _rtn_candidate(g, gmax, ts, 6.0)
     if FOUR_OVER_SIX:
@@ -295,13 +276,13 @@ def quantize_rtn(
     x = x.contiguous()
     rows, cols = x.shape
     divisor = nvfp4.E2M1_MAX * (nvfp4.FWD_SCALE_MAX if four_over_six else nvfp4.E4M3_MAX)
+    ts = nvfp4._safe_tensor_scale(amax, divisor)
     codes = x.new_empty((rows, cols // 2), dtype=torch.uint8)
     scales = x.new_empty((rows, cols // nvfp4.GROUP), dtype=torch.float8_e4m3fn)
-    ts = x.new_empty((), dtype=torch.float32)
     block_r, block_c, warps = TILE
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     wrap_triton(_quantize_rtn_kernel)[grid](
-        x, amax, codes, scales, ts, rows, cols, x.stride(0), four_over_six, divisor, block_r,
-        block_c, num_warps=warps,
+        x, ts, codes, scales, rows, cols, x.stride(0), four_over_six, block_r, block_c,
+        num_warps=warps,
     )  # fmt: skip
     return codes, scales, ts

@@ -7,11 +7,10 @@ accumulation: every product is exact) and scales by 1/sqrt(128) in float32. That
 once per call by a one-program kernel and loaded by every program (cheaper than rebuilding it).
 
 MS-EDEN needs the largest corrected scale before any E4M3 scale exists, so it runs in two passes:
-the data pass writes codes and float32 corrected scales and folds each program's max into one
-scalar (an atomic max: order-free, so deterministic); the scale pass derives the tensor scale
-from it and rounds every scale stochastically (Philox draws by the scale's row-major index, as in
-nvfp4.rht_quantize). The SR baseline needs the tensor amax before its scales too: an amax pass,
-then the quantizing pass. Each op is therefore a handful of kernels and no other graph nodes.
+the data pass writes codes, float32 corrected scales and one partial max per program; a torch
+``amax`` over the partials gives the tensor scale; the scale pass rounds every scale
+stochastically (Philox draw at the scale's row-major index, as in nvfp4.rht_quantize). The SR
+baseline needs the tensor amax before its scales too: an amax pass, then the quantizing pass.
 """
 
 from __future__ import annotations
@@ -37,8 +36,6 @@ from quartet_compile.kernels.quantize import (
     philox_uniform4,
     product,
     reciprocal,
-    store_if_first,
-    tensor_scale,
     unit_tile,
 )
 
@@ -46,8 +43,6 @@ BLOCK: tl.constexpr = tl.constexpr(nvfp4.HADAMARD_BLOCK)
 INV_SQRT_BLOCK: tl.constexpr = tl.constexpr(nvfp4.INV_SQRT_BLOCK)
 INV_EDEN_FP4_MAX: tl.constexpr = tl.constexpr(1.0 / nvfp4.EDEN_FP4_MAX)
 INV_E2M1_MAX: tl.constexpr = tl.constexpr(1.0 / nvfp4.E2M1_MAX)
-EDEN_FP8_MAX: tl.constexpr = tl.constexpr(nvfp4.EDEN_FP8_MAX)
-E2M1_E4M3_MAX: tl.constexpr = tl.constexpr(nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)
 # (rows per program, warps) of the data passes, for plain/transposed inputs and for NVFP4 ones
 # (their rows are bytes: 64 columns make 32-byte loads). No register spills (ptxas: 110 and 128
 # registers); the fastest of the sweep in benchmarks/kernels.py (168 / 190 us against 179 / 218
@@ -123,20 +118,20 @@ def _store_tile(ptr, values, rows, row_stride, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _fold_max(amax_ptr, values):
-    """Fold this program's max of values >= 0 into the zero-initialised scalar at amax_ptr
-    (NaN counts as +inf, so the tensor scale becomes NaN as in torch)."""
+def _store_partial_max(partial_ptr, values):
+    """One max per program (NaN counts as +inf, so the tensor scale becomes NaN as in torch)."""
     values = tl.where(values != values, float("inf"), values)
-    tl.atomic_max(amax_ptr, tl.max(tl.max(tl.max(values, 2), 1), 0))
+    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(partial_ptr + pid, tl.max(tl.max(tl.max(values, 2), 1), 0))
 
 
 @triton.jit
 def _eden_data_kernel(
-    src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, codes_ptr, corrected_ptr, amax_ptr,
+    src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, codes_ptr, corrected_ptr, partial_ptr,
     rows, red, stride_r, stride_k, padded,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """nvfp4.eden_codes_and_scales on one rotated tile: codes, corrected scales, their max."""
+    """nvfp4.eden_codes_and_scales on one rotated tile: codes, corrected scales, partial max."""
     v = _rotated_tile(
         src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, rows, red, stride_r, stride_k,
         FROM_NVFP4, MIX, BLOCK_R,
@@ -153,29 +148,24 @@ def _eden_data_kernel(
                 BLOCK_R)  # fmt: skip
     _store_tile(corrected_ptr, tl.reshape(corrected, (BLOCK_R, BLOCK // 16)), rows, padded // 16,
                 BLOCK_R)  # fmt: skip
-    _fold_max(amax_ptr, corrected)
+    _store_partial_max(partial_ptr, corrected)
 
 
 @triton.jit
-def _eden_scales_kernel(
-    corrected_ptr, amax_ptr, seed_ptr, scales_ptr, ts_ptr, n, BLOCK_N: tl.constexpr
-):
-    """Stored E4M3 scale = SR(S / tensor_scale), 1 for an all-zero group; tensor_scale =
-    max S / 256."""
-    ts = tensor_scale(tl.load(amax_ptr), EDEN_FP8_MAX)
-    store_if_first(ts_ptr, ts)
+def _eden_scales_kernel(corrected_ptr, ts_ptr, seed_ptr, scales_ptr, n, BLOCK_N: tl.constexpr):
+    """Stored E4M3 scale = SR(S / tensor_scale), 1 for an all-zero group."""
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     corrected = tl.load(corrected_ptr + offs, mask=offs < n, other=0.0)
     counters = tl.program_id(0) * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
     uniform = tl.reshape(philox_uniform4(tl.load(seed_ptr), counters), (BLOCK_N,))
-    stored = e4m3_stochastic(divide(corrected, ts), uniform)
+    stored = e4m3_stochastic(divide(corrected, tl.load(ts_ptr)), uniform)
     stored = tl.where(corrected == 0, 1.0, stored)
     tl.store(scales_ptr + offs, stored.to(tl.float8e4nv), mask=offs < n)
 
 
 @triton.jit
 def _absmax_kernel(
-    src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, amax_ptr,
+    src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, partial_ptr,
     rows, red, stride_r, stride_k,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
@@ -184,13 +174,13 @@ def _absmax_kernel(
         src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, rows, red, stride_r, stride_k,
         FROM_NVFP4, MIX, BLOCK_R,
     )  # fmt: skip
-    _fold_max(amax_ptr, tl.reshape(tl.abs(v), (BLOCK_R, BLOCK, 1)))
+    _store_partial_max(partial_ptr, tl.reshape(tl.abs(v), (BLOCK_R, BLOCK, 1)))
 
 
 @triton.jit
 def _sr_kernel(
-    src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, amax_ptr, seed_ptr, codes_ptr,
-    scales_ptr, ts_ptr, rows, red, stride_r, stride_k, padded,
+    src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, ts_ptr, seed_ptr, codes_ptr,
+    scales_ptr, rows, red, stride_r, stride_k, padded,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """nvfp4.sr_quantize on one rotated tile: ceil-E4M3 scales, element-wise SR to E2M1."""
@@ -199,8 +189,7 @@ def _sr_kernel(
         FROM_NVFP4, MIX, BLOCK_R,
     )  # fmt: skip
     g = tl.reshape(v, (BLOCK_R, BLOCK // 16, 16))
-    ts = tensor_scale(tl.load(amax_ptr), E2M1_E4M3_MAX)
-    store_if_first(ts_ptr, ts)
+    ts = tl.load(ts_ptr)
     gmax = group_absmax(g)
     scale = e4m3_ceil(divide(gmax * INV_E2M1_MAX, ts))
     real = scale * ts
@@ -290,25 +279,24 @@ def _quantize_rotated(
     scales = torch.empty((rows, padded // nvfp4.GROUP), dtype=torch.float8_e4m3fn, device=device)
     block_r, warps = TILES["nvfp4" if from_nvfp4 else "x"]
     grid = (triton.cdiv(rows, block_r), padded // nvfp4.HADAMARD_BLOCK)
-    amax = torch.zeros((), dtype=torch.float32, device=device)
-    ts = torch.empty((), dtype=torch.float32, device=device)
+    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=device)
     source = (src, src_scales, src_ts, h)
     shape = (rows, red, *strides)
     consts = dict(FROM_NVFP4=from_nvfp4, MIX=mix, BLOCK_R=block_r, num_warps=warps)
     if method == "eden":
         corrected = torch.empty(scales.shape, dtype=torch.float32, device=device)
         wrap_triton(_eden_data_kernel)[grid](
-            *source, codes, corrected, amax, *shape, padded, **consts
+            *source, codes, corrected, partial, *shape, padded, **consts
         )
+        ts = nvfp4._safe_tensor_scale(partial.amax(), nvfp4.EDEN_FP8_MAX)
         n = corrected.numel()
         wrap_triton(_eden_scales_kernel)[(triton.cdiv(n, 1024),)](
-            corrected, amax, seed, scales, ts, n, 1024
+            corrected, ts, seed, scales, n, 1024
         )
     else:
-        wrap_triton(_absmax_kernel)[grid](*source, amax, *shape, **consts)
-        wrap_triton(_sr_kernel)[grid](
-            *source, amax, seed, codes, scales, ts, *shape, padded, **consts
-        )
+        wrap_triton(_absmax_kernel)[grid](*source, partial, *shape, **consts)
+        ts = nvfp4._safe_tensor_scale(partial.amax(), nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)
+        wrap_triton(_sr_kernel)[grid](*source, ts, seed, codes, scales, *shape, padded, **consts)
     return codes, scales, ts
 
 
