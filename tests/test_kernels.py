@@ -64,6 +64,23 @@ def test_e2m1_rounding_bit_trick_equals_reference_encoding():
     assert torch.equal(out.to(torch.uint8), q.e2m1_encode(u))
 
 
+@triton.jit
+def _uniform_kernel(seed_ptr, out_ptr, N: tl.constexpr):
+    draws = quantize.philox_uniform4(tl.load(seed_ptr), tl.arange(0, N // 4))
+    tl.store(out_ptr + tl.arange(0, N), tl.reshape(draws, (N,)))
+
+
+@pytest.mark.parametrize("seed", [0, 1234, 2**40 + 7])  # the key's high word matters too
+def test_kernel_draws_are_the_references_uniforms(seed: int):
+    out = torch.empty(512)
+    seed_t = torch.tensor(seed, dtype=torch.int64)
+    _uniform_kernel[(1,)](seed_t, out, 512)
+    expected = q.seeded_uniform(seed_t, torch.Size((512,)), torch.device("cpu"))
+    assert torch.equal(out, expected)
+    # Four draws per Philox evaluation, all distinct: no word is repeated or left unused.
+    assert out.unique().numel() == 512 and 0.0 <= out.min() and out.max() < 1.0
+
+
 # ------------------------------------------------------------------------------ quantize_fwd
 
 
