@@ -16,7 +16,9 @@ if not torch.cuda.is_available():
 # A fresh Inductor cache per session: a triton_op's body is not part of Inductor's FX-graph
 # cache key, so a test compiling the ops with backend="inductor" replayed C++ built from an
 # older checkout of nvfp4.py (seen). The quartet2 backend keys its pass on those sources.
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="quartet2-tests-inductor-")
+# Held for the whole session and removed at exit, so test runs do not pile up in /tmp.
+_INDUCTOR_CACHE = tempfile.TemporaryDirectory(prefix="quartet2-tests-inductor-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE.name
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
