@@ -9,8 +9,9 @@ once per call by a one-program kernel and loaded by every program (cheaper than 
 MS-EDEN needs the largest corrected scale before any E4M3 scale exists, so it runs in two passes:
 the data pass writes codes, float32 corrected scales and one partial max per program; a torch
 ``amax`` over the partials gives the tensor scale; the scale pass rounds every scale
-stochastically (Philox draw at the scale's row-major index, as in nvfp4.rht_quantize). The SR
-baseline needs the tensor amax before its scales too: an amax pass, then the quantizing pass.
+stochastically (nvfp4.seeded_uniform's draw for the scale's row-major index, as in
+nvfp4.rht_quantize). The SR baseline needs the tensor amax before its scales too: an amax pass,
+then the quantizing pass.
 """
 
 from __future__ import annotations

@@ -446,7 +446,7 @@ def rht_quantize(
     """Quantize x · R along the last dim (x.T when ``transpose``: reduction over rows).
 
     The reduction dim is zero-padded to a multiple of 128. ``method`` "eden" is MS-EDEN (one
-    Philox(seed) draw per group, at the group's row-major index); "sr" is the element-wise
+    seeded_uniform draw per group, by its row-major index); "sr" is the element-wise
     stochastic-rounding baseline (one draw per element).
     """
     check_floating(x)
