@@ -1,12 +1,14 @@
 """Throughput of the quartet2 kernels on the GPU; writes "## Kernels" in benchmarks/RESULTS.md.
 
-Quantizers: achieved GB/s (fewest bytes: input read once, codes + scales written once) next to
-the device's measured copy bandwidth (bytes read + written by a 1 GiB device-to-device copy).
-GEMM: TFLOP/s (2*M*N*K) of both NVFP4 designs, dequantization included, next to torch.mm in
-BF16 (cuBLAS). Every figure is the median of triton.testing.do_bench_cudagraph on random data;
-the ops run in CUDA graphs, so their few small torch launches (tensor scale, partial maxima)
-cost device time only, as they do inside a compiled graph. Capturing also proves the ops make
-no host synchronisation.
+Quantizers: achieved GB/s (fewest bytes: input read once; codes, scales and the bf16 unit values
+the GEMM multiplies written once) next to the device's measured copy bandwidth (bytes read +
+written by a 1 GiB device-to-device copy).
+GEMM: TFLOP/s (2*M*N*K) of the op (cuBLAS on the quantizers' units, tensor-scale epilogue) and
+of the fused design (NVFP4 triples dequantized in registers), next to torch.mm in BF16 (cuBLAS).
+Every figure is the median of triton.testing.do_bench_cudagraph on random data; the ops run in
+CUDA graphs, so their few small torch launches (tensor scale, partial maxima) cost device time
+only, as they do inside a compiled graph. Capturing also proves the ops make no host
+synchronisation.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def quantizer_cases(t: int, k: int):
     amax = x.float().abs().amax()
     signs = q.random_signs(device="cuda")
     seed = torch.tensor(1234, device="cuda")
-    xq = OPS.quantize_fwd(x, amax, True)
-    out = t * k // 2 + t * k // 16  # codes + scales of one NVFP4 tensor of t*k elements
+    xq = OPS.quantize_fwd(x, amax, True)[:3]
+    triple = t * k // 2 + t * k // 16  # codes + scales of one NVFP4 tensor of t*k elements
+    out = triple + 2 * t * k  # and its bf16 units
     yield "quantize_fwd (amax given)", lambda: OPS.quantize_fwd(x, amax, True), x.nbytes + out
     yield (
         "amax + quantize_fwd",
@@ -52,7 +55,7 @@ def quantizer_cases(t: int, k: int):
         name = f"rht_eden eden{' transposed' if transpose else ''}"
         yield name, lambda tr=transpose: OPS.rht_eden(x, signs, seed, tr, "eden"), x.nbytes + out
     yield "rht_eden sr transposed", lambda: OPS.rht_eden(x, signs, seed, True, "sr"), x.nbytes + out
-    yield "requant eden", lambda: OPS.requant(*xq, signs, seed, "eden"), 2 * out
+    yield "requant eden", lambda: OPS.requant(*xq, signs, seed, "eden"), triple + out
 
 
 def tile_sweep(t: int, k: int) -> list[list[str]]:
@@ -61,10 +64,10 @@ def tile_sweep(t: int, k: int) -> list[list[str]]:
     amax = x.float().abs().amax()
     signs = q.random_signs(device="cuda")
     seed = torch.tensor(1234, device="cuda")
-    xq = OPS.quantize_fwd(x, amax, True)
+    xq = OPS.quantize_fwd(x, amax, True)[:3]
     rows = []
     default = quantize.TILE
-    for tile in [(8, 256, 4), (4, 256, 2), (16, 256, 8), (4, 512, 4), (16, 256, 4)]:
+    for tile in [(8, 256, 4), (4, 256, 2), (16, 256, 4), (2, 1024, 4), (8, 512, 8), (4, 512, 4)]:
         quantize.TILE = tile
         rows.append(["quantize_fwd", str(tile), _us(lambda: OPS.quantize_fwd(x, amax, True))])
     quantize.TILE = default
@@ -72,6 +75,11 @@ def tile_sweep(t: int, k: int) -> list[list[str]]:
         "x": lambda: OPS.rht_eden(x, signs, seed, True, "eden"),
         "nvfp4": lambda: OPS.requant(*xq, signs, seed, "eden"),
     }
+    default = rht_eden.SCALE_ROWS
+    for scale_rows in (16, 32, 64):
+        rht_eden.SCALE_ROWS = scale_rows
+        rows.append(["eden scale + units pass", f"({scale_rows},)", _us(cases["x"])])
+    rht_eden.SCALE_ROWS = default
     for key, fn in cases.items():
         default = rht_eden.TILES[key]
         for tile in [(64, 8), (64, 4), (128, 8), (128, 16), (32, 8)]:
@@ -92,14 +100,16 @@ def gemm_row(m: int, n: int, k: int) -> list[str]:
     flops = 2 * m * n * k
     bf16 = flops / median_ms(lambda: torch.mm(x, w.T)) / 1e9
     row = [f"{m}x{n}x{k}", f"{bf16:.0f}"]
-    for design in ("cublas", "fused"):
-        # Compiled, as in a user's graph: Inductor fuses the cublas design's epilogue into one
-        # pass (eager PyTorch would run three).
-        compiled = torch.compile(lambda *t, d=design: gemm.gemm(*t, torch.bfloat16, d))
-        tflops = flops / median_ms(lambda c=compiled: c(*a, *b)) / 1e9
+    # Compiled, as in a user's graph: Inductor fuses the op's epilogue into one pass (eager
+    # PyTorch would run three).
+    designs = {
+        "op": lambda: OPS.gemm(a[3], a[2], b[3], b[2], torch.bfloat16),
+        "fused": lambda: gemm.gemm_nvfp4(*a[:3], *b[:3], torch.bfloat16, "fused"),
+    }
+    for fn in designs.values():
+        tflops = flops / median_ms(torch.compile(fn)) / 1e9
         row += [f"{tflops:.0f} ({100 * tflops / bf16:.0f}%)"]
-    deq_ms = median_ms(lambda: (gemm.dequantize_units(*a[:2]), gemm.dequantize_units(*b[:2])))
-    return row + [f"{1000 * deq_ms:.0f}"]
+    return row
 
 
 def _operand(rows: int, k: int):
@@ -135,11 +145,10 @@ def main() -> None:
             f"Tile sweep at {QUANT_SHAPES[0][0]}x{QUANT_SHAPES[0][1]} (us per op call; the "
             "transposed rht_eden for plain inputs, requant for NVFP4 ones):",
             markdown_table(["kernel", "tile (rows, [cols,] warps)", "us"], sweep_rows),
-            f"NVFP4 GEMM under torch.compile (bf16 output; dequantization and tensor-scale "
-            f"epilogue included; op design: `{gemm.DESIGN}`), TFLOP/s and % of torch.mm BF16:",
-            markdown_table(
-                ["MxNxK", "torch.mm bf16", "cublas design", "fused design", "dequant us"], gemm_rows
-            ),
+            "NVFP4 GEMM under torch.compile (bf16 output, tensor-scale epilogue included), "
+            "TFLOP/s and % of torch.mm BF16. The op multiplies the units its quantizers wrote "
+            "(their cost is in the table above); the fused design reads NVFP4 triples:",
+            markdown_table(["MxNxK", "torch.mm bf16", "op (units)", "fused design"], gemm_rows),
         ]
     )
     print(body)

@@ -5,23 +5,21 @@ products, so a bf16 tensor-core GEMM on unit values with float32 accumulation is
 GEMM up to summation order; the float32 tensor scales multiply the float32 accumulator once, in
 the epilogue (folding them into the operands would round every element).
 
-Two Hopper designs, measured by benchmarks/kernels.py (RESULTS.md, "## Kernels"):
-- "cublas": a dequantize kernel writes both operands' unit values in bf16, ``torch.mm`` (cuBLAS)
-  multiplies them, and a pointwise epilogue applies the tensor scales. For a bf16 output cuBLAS
-  writes bf16 and the epilogue rounds once more (at most one bf16 ulp away from scaling the
-  float32 accumulator; docs/numerics.md): a float32 output plus its epilogue pass cost ~0.2 ms
-  per 16384x4096 product, and Inductor fuses the bf16 epilogue into whatever consumes it.
-- "fused": one Triton GEMM that loads the packed codes and scales (a quarter of the bytes) and
-  dequantizes them in registers with bit tricks before each ``tl.dot``.
-``DESIGN`` names the one the op uses: "cublas", compiled at 92% of BF16 cuBLAS at 8192^3 and 98%
-at 16384^3 on the H100, against ~30% for "fused" (benchmarks/NOTES.md).
+The op's design on Hopper (``gemm_units``): the quantizer kernels write each operand's unit
+values next to its triple, in the same pass, and ``torch.mm`` (cuBLAS) multiplies them. For a
+bf16 output cuBLAS rounds its float32 accumulator to bf16 and the tensor-scale epilogue rounds
+once more (at most one bf16 ulp away from scaling the float32 accumulator; docs/numerics.md); it
+is a pointwise op that Inductor fuses into whatever consumes the product.
 
-Blackwell (capability >= 10): "dot_scaled" hands the packed codes and E4M3 scales straight to
-``tl.dot_scaled`` (``_dot_scaled_kernel``). That design has not run anywhere (no Blackwell GPU
-here; Triton 3.6 does not compile it for sm_90 and its interpreter does not implement
-dot_scaled), so it is opt-in (``design="dot_scaled"``) and the op uses "cublas" on Blackwell
-too; tests/test_kernels_gpu.py checks it against the reference on a capability-10 GPU, after
-which it can become the default there.
+The alternatives take NVFP4 triples (``gemm_nvfp4``), measured in benchmarks/kernels.py:
+- "fused": one Triton GEMM that loads the packed codes and scales (a quarter of the bytes) and
+  dequantizes them in registers with bit tricks before each ``tl.dot``: ~30% of BF16 cuBLAS on
+  the H100, against 92-98% for a separate dequantize pass + cuBLAS (benchmarks/NOTES.md), whose
+  pass the quantizers now absorb.
+- "dot_scaled" (Blackwell, capability >= 10): the packed codes and E4M3 scales go straight to
+  ``tl.dot_scaled``. It has not run anywhere (no Blackwell GPU here; Triton 3.6 does not compile
+  it for sm_90 and its interpreter does not implement dot_scaled); tests/test_kernels_gpu.py
+  checks it against the reference on a capability-10 GPU, after which the ops can use it there.
 """
 
 from __future__ import annotations
@@ -32,18 +30,6 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from quartet_compile.kernels.quantize import unit_tile
-
-DESIGN = "cublas"
-
-
-@triton.jit
-def _dequantize_kernel(codes_ptr, scales_ptr, out_ptr, rows, K, BLOCK_R: tl.constexpr,
-                       BLOCK_K: tl.constexpr):  # fmt: skip
-    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
-    k0 = tl.program_id(1) * BLOCK_K
-    units = unit_tile(codes_ptr, scales_ptr, row, k0, rows, K, BLOCK_K).to(tl.bfloat16)
-    col = k0 + tl.arange(0, BLOCK_K)[None, :]
-    tl.store(out_ptr + row.to(tl.int64) * K + col, units, mask=(row < rows) & (col < K))
 
 
 @triton.jit
@@ -104,17 +90,24 @@ def _dot_scaled_kernel(
     tl.store(out_ptr + rm.to(tl.int64) * N + cn, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize_units(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """bf16 e2m1 * e4m3 values [rows, K] of a triple (without its tensor scale; exact)."""
-    rows, K = codes.shape[0], codes.shape[1] * 2
-    out = torch.empty((rows, K), dtype=torch.bfloat16, device=codes.device)
-    block_r, block_k = 32, 256
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(K, block_k))
-    wrap_triton(_dequantize_kernel)[grid](codes, scales, out, rows, K, block_r, block_k)
-    return out
+def gemm_units(
+    a_units: torch.Tensor,
+    a_ts: torch.Tensor,
+    b_units: torch.Tensor,
+    b_ts: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """deq(a) @ deq(b).T in ``out_dtype`` from the operands' bf16 unit values [M, K], [N, K]."""
+    if out_dtype == torch.bfloat16:
+        # cuBLAS rounds its float32 accumulator to bf16 once; the tensor-scale product is a
+        # pointwise op that Inductor fuses into the consumer (no float32 [M, N] round trip).
+        return (torch.mm(a_units, b_units.T).float() * (a_ts * b_ts)).to(out_dtype)
+    # CUDA only: there is no float32-out mm for bf16 on CPU.
+    acc = torch.mm(a_units, b_units.T, out_dtype=torch.float32)
+    return (acc * (a_ts * b_ts)).to(out_dtype)
 
 
-def gemm(
+def gemm_nvfp4(
     a_codes: torch.Tensor,
     a_scales: torch.Tensor,
     a_ts: torch.Tensor,
@@ -122,7 +115,7 @@ def gemm(
     b_scales: torch.Tensor,
     b_ts: torch.Tensor,
     out_dtype: torch.dtype,
-    design: str = DESIGN,
+    design: str,
 ) -> torch.Tensor:
     """deq(a) @ deq(b).T in ``out_dtype``: a [M, K] and b [N, K] NVFP4 triples (contiguous)."""
     if a_codes.shape[1] != b_codes.shape[1]:
@@ -136,7 +129,7 @@ def gemm(
     if design == "dot_scaled":
         if not on_cuda or torch.cuda.get_device_capability(a_codes.device)[0] < 10:
             raise ValueError(
-                'GEMM design "dot_scaled" needs a Blackwell GPU (capability >= 10); use "cublas"'
+                'GEMM design "dot_scaled" needs a Blackwell GPU (capability >= 10); use "fused"'
             )
         out = torch.empty((M, N), dtype=out_dtype, device=a_codes.device)
         grid = (triton.cdiv(M, 128), triton.cdiv(N, 128))
@@ -144,15 +137,6 @@ def gemm(
             a_codes, a_scales, a_ts, b_codes, b_scales, b_ts, out, M, N, K, 128, 128, 128
         )
         return out
-    if design == "cublas":
-        a = dequantize_units(a_codes, a_scales)
-        b = dequantize_units(b_codes, b_scales)
-        if out_dtype == torch.bfloat16:
-            # cuBLAS rounds its float32 accumulator to bf16 once; the tensor-scale product is a
-            # pointwise op that Inductor fuses into the consumer (no float32 [M, N] round trip).
-            return (torch.mm(a, b.T).float() * (a_ts * b_ts)).to(out_dtype)
-        acc = torch.mm(a, b.T, out_dtype=torch.float32)  # CUDA only (no float32-out mm on CPU)
-        return (acc * (a_ts * b_ts)).to(out_dtype)
     if design != "fused":
         raise ValueError(f"unknown GEMM design {design!r}")
     out = torch.empty((M, N), dtype=out_dtype, device=a_codes.device)

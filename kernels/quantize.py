@@ -17,10 +17,11 @@ from triton.language.extra import libdevice
 
 from quartet_compile import nvfp4
 
-# (rows, columns, warps) per program of the forward quantizer: two 16-element groups per thread
-# (fewer groups than threads would duplicate work); 110 registers, no spills (ptxas); the fastest
-# of the sweep in benchmarks/kernels.py (135 us vs 141 us for (8, 256, 4) at 16384x4096).
-TILE = (16, 256, 4)
+# (rows, columns, warps) per program of the forward quantizer: one 16-element group per thread
+# (fewer groups than threads would duplicate work); the fastest of the sweep in
+# benchmarks/kernels.py once the kernel also writes units (154 us vs 171 us for (16, 256, 4) at
+# 16384x4096).
+TILE = (4, 512, 4)
 # Triton decides when a kernel is decorated whether it runs in the interpreter; so does this.
 INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
@@ -222,6 +223,7 @@ def _quantize_rtn_kernel(
     ts_ptr,
     codes_ptr,
     scales_ptr,
+    units_ptr,
     rows,
     cols,
     stride_x,
@@ -235,8 +237,10 @@ def _quantize_rtn_kernel(
     grp = (tl.program_id(1) * (BLOCK_C // 16) + tl.arange(0, BLOCK_C // 16))[None, :, None]
     first_half = grp * 16 + tl.arange(0, 8)[None, None, :]
     ptrs = x_ptr + row[:, :, None].to(tl.int64) * stride_x + first_half
-    mask = (row[:, :, None] < rows) & (grp < cols // 16)
-    halves = tl.join(tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + 8, mask=mask, other=0.0))
+    in_groups = (row[:, :, None] < rows) & (grp < cols // 16)
+    halves = tl.join(
+        tl.load(ptrs, mask=in_groups, other=0.0), tl.load(ptrs + 8, mask=in_groups, other=0.0)
+    )
     g = tl.reshape(tl.permute(halves.to(tl.float32), (0, 1, 3, 2)), (BLOCK_R, BLOCK_C // 16, 16))
     ts = tl.load(ts_ptr)
     gmax = group_absmax(g)
@@ -249,6 +253,13 @@ def _quantize_rtn_kernel(
         scale = tl.where(pick4, scale4, scale)
     codes = e2m1_code(u, magnitude)
     scale = tl.where(gmax == 0, 1.0, scale)
+    # Unit values (exact in bf16), stored in the two halves each group was loaded as.
+    units = tl.where(u < 0, -magnitude, magnitude) * scale
+    units = tl.permute(tl.reshape(units, (BLOCK_R, BLOCK_C // 16, 2, 8)), (0, 1, 3, 2))
+    first, second = tl.split(units.to(tl.bfloat16))
+    units_ptrs = units_ptr + row[:, :, None].to(tl.int64) * cols + first_half
+    tl.store(units_ptrs, first, mask=in_groups)
+    tl.store(units_ptrs + 8, second, mask=in_groups)
     # Columns past ``cols`` form whole masked groups (cols % 16 == 0): their stores are masked.
     byte = tl.program_id(1) * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)[None, :]
     packed = pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK_C)))
@@ -270,8 +281,9 @@ def check_quantizable(x: torch.Tensor, multiple: int, name: str = "x") -> None:
 
 def quantize_rtn(
     x: torch.Tensor, amax: torch.Tensor, four_over_six: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """NVFP4 triple of x [rows, cols] (groups along cols), equal to nvfp4.quantize_rtn's."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NVFP4 triple of x [rows, cols] (groups along cols), equal to nvfp4.quantize_rtn's, and
+    its bf16 unit values (nvfp4.units)."""
     check_quantizable(x, nvfp4.GROUP)
     x = x.contiguous()
     rows, cols = x.shape
@@ -279,10 +291,11 @@ def quantize_rtn(
     ts = nvfp4._safe_tensor_scale(amax, divisor)
     codes = x.new_empty((rows, cols // 2), dtype=torch.uint8)
     scales = x.new_empty((rows, cols // nvfp4.GROUP), dtype=torch.float8_e4m3fn)
+    units = x.new_empty((rows, cols), dtype=torch.bfloat16)
     block_r, block_c, warps = TILE
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     wrap_triton(_quantize_rtn_kernel)[grid](
-        x, ts, codes, scales, rows, cols, x.stride(0), four_over_six, block_r, block_c,
+        x, ts, codes, scales, units, rows, cols, x.stride(0), four_over_six, block_r, block_c,
         num_warps=warps,
     )  # fmt: skip
-    return codes, scales, ts
+    return codes, scales, ts, units

@@ -10,8 +10,9 @@ MS-EDEN needs the largest corrected scale before any E4M3 scale exists, so it ru
 the data pass writes codes, float32 corrected scales and one partial max per program; a torch
 ``amax`` over the partials gives the tensor scale; the scale pass rounds every scale
 stochastically (nvfp4.seeded_uniform's draw for the scale's row-major index, as in
-nvfp4.rht_quantize). The SR baseline needs the tensor amax before its scales too: an amax pass,
-then the quantizing pass.
+nvfp4.rht_quantize) and writes the unit values (codes times stored scales, bf16) that the GEMM
+multiplies. The SR baseline needs the tensor amax before its scales too: an amax pass, then the
+quantizing pass, which writes codes, scales and unit values at once.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from quartet_compile.kernels.quantize import (
     product,
     reciprocal,
     unit_tile,
+    unpack_nibbles,
 )
 
 BLOCK: tl.constexpr = tl.constexpr(nvfp4.HADAMARD_BLOCK)
@@ -49,6 +51,8 @@ INV_E2M1_MAX: tl.constexpr = tl.constexpr(1.0 / nvfp4.E2M1_MAX)
 # registers); the fastest of the sweep in benchmarks/kernels.py (168 / 190 us against 179 / 218
 # us for 8 warps at 16384x4096).
 TILES = {"x": (64, 4), "nvfp4": (64, 4)}
+# Rows per program of the EDEN scale pass (x one 128-column block).
+SCALE_ROWS = 32
 # Tensor-core operand type that holds each source's values exactly (uint8 = NVFP4 unit values).
 _MIX_OF_SOURCE = {
     torch.bfloat16: "bf16",
@@ -153,15 +157,30 @@ def _eden_data_kernel(
 
 
 @triton.jit
-def _eden_scales_kernel(corrected_ptr, ts_ptr, seed_ptr, scales_ptr, n, BLOCK_N: tl.constexpr):
-    """Stored E4M3 scale = SR(S / tensor_scale), 1 for an all-zero group."""
-    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    corrected = tl.load(corrected_ptr + offs, mask=offs < n, other=0.0)
-    counters = tl.program_id(0) * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
-    uniform = tl.reshape(philox_uniform4(tl.load(seed_ptr), counters), (BLOCK_N,))
+def _eden_scales_kernel(
+    corrected_ptr, codes_ptr, ts_ptr, seed_ptr, scales_ptr, units_ptr, rows, padded,
+    BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """Stored E4M3 scale = SR(S / tensor_scale), 1 for an all-zero group, for BLOCK_R rows x one
+    128-column block; then the block's unit values, codes times the stored scales (the GEMM's
+    operand: this pass is the only one that knows both)."""
+    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    in_rows = row < rows
+    groups = padded // 16
+    grp = tl.program_id(1) * (BLOCK // 16) + tl.arange(0, BLOCK // 16)[None, :]
+    corrected = tl.load(corrected_ptr + row.to(tl.int64) * groups + grp, mask=in_rows, other=0.0)
+    # The draw of the scale at row-major index i is word i % 4 of Philox counter i // 4.
+    quad = tl.program_id(1) * (BLOCK // 64) + tl.arange(0, BLOCK // 64)[None, :]
+    uniform = philox_uniform4(tl.load(seed_ptr), row * (groups // 4) + quad)
+    uniform = tl.reshape(uniform, (BLOCK_R, BLOCK // 16))
     stored = e4m3_stochastic(divide(corrected, tl.load(ts_ptr)), uniform)
     stored = tl.where(corrected == 0, 1.0, stored)
-    tl.store(scales_ptr + offs, stored.to(tl.float8e4nv), mask=offs < n)
+    tl.store(scales_ptr + row.to(tl.int64) * groups + grp, stored.to(tl.float8e4nv), mask=in_rows)
+    byte = tl.program_id(1) * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
+    packed = tl.load(codes_ptr + row.to(tl.int64) * (padded // 2) + byte, mask=in_rows)
+    values = tl.reshape(e2m1_value(unpack_nibbles(packed)), (BLOCK_R, BLOCK // 16, 16))
+    units = tl.reshape(values * stored[:, :, None], (BLOCK_R, BLOCK))
+    _store_tile(units_ptr, units.to(tl.bfloat16), rows, padded, BLOCK_R)
 
 
 @triton.jit
@@ -181,7 +200,7 @@ def _absmax_kernel(
 @triton.jit
 def _sr_kernel(
     src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, ts_ptr, seed_ptr, codes_ptr,
-    scales_ptr, rows, red, stride_r, stride_k, padded,
+    scales_ptr, units_ptr, rows, red, stride_r, stride_k, padded,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """nvfp4.sr_quantize on one rotated tile: ceil-E4M3 scales, element-wise SR to E2M1."""
@@ -208,11 +227,13 @@ def _sr_kernel(
     uniform = philox_uniform4(tl.load(seed_ptr), row * (padded // 4) + quad)
     idx = lo_idx + (tl.reshape(uniform, (BLOCK_R, BLOCK // 16, 16)) < frac).to(tl.int32)
     codes = ((u < 0).to(tl.int32) << 3) | idx
-    scale = tl.where(gmax == 0, 1.0, scale).to(tl.float8e4nv)
+    scale = tl.where(gmax == 0, 1.0, scale)
+    units = tl.reshape(e2m1_value(codes) * scale, (BLOCK_R, BLOCK))
     _store_tile(codes_ptr, pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK))), rows, padded // 2,
                 BLOCK_R)  # fmt: skip
-    _store_tile(scales_ptr, tl.reshape(scale, (BLOCK_R, BLOCK // 16)), rows, padded // 16,
-                BLOCK_R)  # fmt: skip
+    _store_tile(scales_ptr, tl.reshape(scale.to(tl.float8e4nv), (BLOCK_R, BLOCK // 16)), rows,
+                padded // 16, BLOCK_R)  # fmt: skip
+    _store_tile(units_ptr, units.to(tl.bfloat16), rows, padded, BLOCK_R)
 
 
 @triton.jit
@@ -266,7 +287,7 @@ def _quantize_rotated(
     seed: torch.Tensor,
     method: str,
     from_nvfp4: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch one method's passes over the logical [rows, red] input described by the args."""
     if method not in nvfp4.BACKWARD_METHODS:
         raise ValueError(f"method must be one of {nvfp4.BACKWARD_METHODS}, got {method!r}")
@@ -284,27 +305,29 @@ def _quantize_rotated(
     source = (src, src_scales, src_ts, h)
     shape = (rows, red, *strides)
     consts = dict(FROM_NVFP4=from_nvfp4, MIX=mix, BLOCK_R=block_r, num_warps=warps)
+    units = torch.empty((rows, padded), dtype=torch.bfloat16, device=device)
     if method == "eden":
         corrected = torch.empty(scales.shape, dtype=torch.float32, device=device)
         wrap_triton(_eden_data_kernel)[grid](
             *source, codes, corrected, partial, *shape, padded, **consts
         )
         ts = nvfp4._safe_tensor_scale(partial.amax(), nvfp4.EDEN_FP8_MAX)
-        n = corrected.numel()
-        wrap_triton(_eden_scales_kernel)[(triton.cdiv(n, 1024),)](
-            corrected, ts, seed, scales, n, 1024
+        wrap_triton(_eden_scales_kernel)[(triton.cdiv(rows, SCALE_ROWS), grid[1])](
+            corrected, codes, ts, seed, scales, units, rows, padded, SCALE_ROWS
         )
     else:
         wrap_triton(_absmax_kernel)[grid](*source, partial, *shape, **consts)
         ts = nvfp4._safe_tensor_scale(partial.amax(), nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)
-        wrap_triton(_sr_kernel)[grid](*source, ts, seed, codes, scales, *shape, padded, **consts)
-    return codes, scales, ts
+        wrap_triton(_sr_kernel)[grid](
+            *source, ts, seed, codes, scales, units, *shape, padded, **consts
+        )
+    return codes, scales, ts, units
 
 
 def rht_quantize(
     x: torch.Tensor, signs: torch.Tensor, seed: torch.Tensor, transpose: bool, method: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """NVFP4 triple of x · R (x.T · R when ``transpose``), as nvfp4.rht_quantize."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NVFP4 triple and units of x · R (x.T · R when ``transpose``), as nvfp4.rht_quantize."""
     check_quantizable(x, 1)
     rows, red = (x.shape[1], x.shape[0]) if transpose else x.shape
     strides = (x.stride(1), x.stride(0)) if transpose else (x.stride(0), x.stride(1))
@@ -321,9 +344,9 @@ def requant(
     signs: torch.Tensor,
     seed: torch.Tensor,
     method: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """NVFP4 triple of deq(triple).T · R, as nvfp4.requant (exact when the tensor scale is a
-    power of two; otherwise the scale is applied after the mix, one rounding away)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NVFP4 triple and units of deq(triple).T · R, as nvfp4.requant (exact when the tensor scale
+    is a power of two; otherwise the scale is applied after the mix, one rounding away)."""
     codes, scales = codes.contiguous(), scales.contiguous()
     rows, red = codes.shape[1] * 2, codes.shape[0]
     return _quantize_rotated(

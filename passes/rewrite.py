@@ -1,7 +1,8 @@
 """Replace each eligible linear's matmuls by quartet2 ops (SPEC.md 2-4) and report what was done.
 
 Forward: ``gemm(quantize_fwd(x), quantize_fwd(W))`` (+ bias). Grad-input: ``gemm(rht_eden(dy),
-requant(W triple))``; grad-weight: ``gemm(rht_eden(dy.T), requant(x triple))``, with one fresh
+requant(W triple))``; grad-weight: ``gemm(rht_eden(dy.T), requant(x triple))``. Each quantizer
+gives a triple and its bf16 unit values; gemm multiplies units and tensor scales. One fresh
 set of random signs and seeds per linear and backward call drawn by in-graph ``aten.randint``
 (Inductor's RNG: reproducible under ``torch.manual_seed``, no recompiles). Because the backward
 reads only the forward's NVFP4 triples, the partitioner saves those instead of x.
@@ -45,7 +46,8 @@ log = logging.getLogger("quartet_compile")
 aten = torch.ops.aten
 prims = torch.ops.prims
 q2 = torch.ops.quartet2
-Triple = tuple[fx.Node, fx.Node, fx.Node]
+# A quantizer op's outputs: codes, scales, tensor_scale (the NVFP4 triple) and units.
+Quantized = tuple[fx.Node, fx.Node, fx.Node, fx.Node]
 # A traced op body and the module attributes its constants were given (reused with it).
 Body = tuple[fx.GraphModule, dict[str, str]]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -66,7 +68,7 @@ def rewrite(graph: fx.Graph, config: QuartetConfig, params: Mapping[int, str]) -
     emitter = _Emitter(graph)
     # One forward quantization per tensor, shared by the linears that read it (q/k/v read the
     # same x; a tied or reused weight feeds several linears).
-    quantized: dict[tuple[fx.Node, Labels, torch.dtype], Triple] = {}
+    quantized: dict[tuple[fx.Node, Labels, torch.dtype], Quantized] = {}
     for lin in matches.linears:
         entry = _describe(lin, matches, config)
         report.linears.append(entry)
@@ -75,7 +77,7 @@ def rewrite(graph: fx.Graph, config: QuartetConfig, params: Mapping[int, str]) -
         try:
             _rewrite_linear(lin, entry, config, emitter, quantized)
         except Exception as exc:  # noqa: BLE001  (the pass must never fail a compile)
-            for key in [k for k, triple in quantized.items() if triple[0] in emitter.created]:
+            for key in [k for k, q in quantized.items() if q[0] in emitter.created]:
                 del quantized[key]
             emitter.rollback()
             reason = f"rewrite failed ({type(exc).__name__}: {exc})"
@@ -189,12 +191,16 @@ class _Emitter:
             node.meta["val"] = target(*fake_args, **fake_kwargs)
         return node
 
-    def triple(self, anchor: fx.Node, target: Callable[..., Any], *args: Any) -> Triple:
+    def quantize(self, anchor: fx.Node, target: Callable[..., Any], *args: Any) -> Quantized:
         node = self.call(anchor, target, *args)
-        codes, scales, tensor_scale = (
-            self.call(anchor, operator.getitem, node, i) for i in range(3)
+        codes, scales, tensor_scale, units = (
+            self.call(anchor, operator.getitem, node, i) for i in range(4)
         )
-        return codes, scales, tensor_scale
+        return codes, scales, tensor_scale, units
+
+    def gemm(self, anchor: fx.Node, a: Quantized, b: Quantized, out_dtype: torch.dtype) -> fx.Node:
+        """deq(a) @ deq(b).T from the operands' units and tensor scales."""
+        return self.call(anchor, q2.gemm.default, a[3], a[2], b[3], b[2], out_dtype)
 
     def replace(self, old: fx.Node, new: fx.Node) -> None:
         self.replaced.append((old, new))
@@ -226,7 +232,7 @@ def _rewrite_linear(
     entry: LinearReport,
     config: QuartetConfig,
     emit: _Emitter,
-    quantized: dict[tuple[fx.Node, Labels, torch.dtype], Triple],
+    quantized: dict[tuple[fx.Node, Labels, torch.dtype], Quantized],
 ) -> None:
     fwd = lin.forward
     out_dtype = fwd.meta["val"].dtype
@@ -238,14 +244,14 @@ def _rewrite_linear(
         else lin.weight
     )
 
-    def quantize(t: fx.Node) -> Triple:
+    def quantize(t: fx.Node) -> Quantized:
         source = resolve(t)
         key = (source.root, source.labels, t.meta["val"].dtype)
         if key not in quantized:
             amax = emit.call(fwd, aten.amax.default, emit.call(fwd, aten.abs.default, t), [])
             if amax.meta["val"].dtype != torch.float32:
                 amax = emit.call(fwd, prims.convert_element_type.default, amax, torch.float32)
-            quantized[key] = emit.triple(
+            quantized[key] = emit.quantize(
                 fwd, q2.quantize_fwd.default, t, amax, config.four_over_six
             )
         return quantized[key]
@@ -253,7 +259,7 @@ def _rewrite_linear(
     xq = wq = None
     if entry.forward == REWRITTEN:
         xq, wq = quantize(x2d), quantize(w_nk)
-        out = emit.call(fwd, q2.gemm.default, *xq, *wq, out_dtype)
+        out = emit.gemm(fwd, xq, wq, out_dtype)
         if lin.bias is not None:
             out = emit.call(fwd, aten.add.Tensor, out, emit.current(lin.bias))
         if lin.batched:
@@ -276,7 +282,7 @@ def _rewrite_linear(
     signs = emit.call(first, aten.sub.Tensor, emit.call(first, aten.mul.Tensor, bits, 2.0), 1.0)
     seeds = _randint(emit, first, _SEED_HIGH, [2 * len(roles)], torch.int64, device)
     method = config.backward_method
-    for i, (mm, (triple, operand)) in enumerate(roles):
+    for i, (mm, (fwd_q, operand)) in enumerate(roles):
         node = mm.node
         s = emit.call(node, aten.select.int, signs, 0, i)
         seed_dy = emit.call(node, aten.select.int, seeds, 0, 2 * i)
@@ -284,12 +290,12 @@ def _rewrite_linear(
         dy, holds_dy_t = _untransposed(emit, node, emit.current(mm.dy), mm.dy_transposed)
         # grad-input wants dy [T, N] rotated along N; grad-weight dy.T [N, T] along T.
         dy_transpose = holds_dy_t if mm is lin.grad_input else not holds_dy_t
-        dyq = emit.triple(node, q2.rht_eden.default, dy, s, seed_dy, dy_transpose, method)
-        if triple is not None:
-            opq = emit.triple(node, q2.requant.default, *triple, s, seed_op, method)
+        dyq = emit.quantize(node, q2.rht_eden.default, dy, s, seed_dy, dy_transpose, method)
+        if fwd_q is not None:
+            opq = emit.quantize(node, q2.requant.default, *fwd_q[:3], s, seed_op, method)
         else:  # forward kept in high precision: rotate and quantize the operand itself
-            opq = emit.triple(node, q2.rht_eden.default, operand, s, seed_op, True, method)
-        out = emit.call(node, q2.gemm.default, *dyq, *opq, node.meta["val"].dtype)
+            opq = emit.quantize(node, q2.rht_eden.default, operand, s, seed_op, True, method)
+        out = emit.gemm(node, dyq, opq, node.meta["val"].dtype)
         if mm.out_transposed:
             out = emit.call(node, aten.permute.default, out, [1, 0])
         if lin.batched:

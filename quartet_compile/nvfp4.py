@@ -226,6 +226,14 @@ def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
     return (elems * real_scales).view(rows, -1).to(dtype)
 
 
+def units(q: NVFP4Tensor) -> torch.Tensor:
+    """e2m1 * e4m3_scale per element, without the tensor scale, in bfloat16 (exact: 2 + 4
+    significant bits): the operand a BF16 tensor-core GEMM multiplies (see ``gemm_units``)."""
+    rows = q.codes.shape[0]
+    elems = e2m1_decode(unpack_nibbles(q.codes)).view(rows, -1, GROUP)
+    return (elems * q.scales.to(torch.float32).unsqueeze(-1)).view(rows, -1).to(torch.bfloat16)
+
+
 def pairwise_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over the last dim (a power of two) in a fixed pairwise order, keeping the dim.
 
@@ -473,6 +481,21 @@ def gemm(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype: torch.dtype = torch.bfloat16
     if a.codes.shape[1] != b.codes.shape[1]:
         raise ValueError(f"reduction dims differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     return (dequantize(a) @ dequantize(b).T).to(out_dtype)
+
+
+def gemm_units(
+    a_units: torch.Tensor,
+    a_tensor_scale: torch.Tensor,
+    b_units: torch.Tensor,
+    b_tensor_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``gemm`` from the operands' ``units``: the float32 product of the unit values times both
+    tensor scales, applied once to the accumulator (the same values up to float32 rounding)."""
+    if a_units.shape[1] != b_units.shape[1]:
+        raise ValueError(f"reduction dims differ: {tuple(a_units.shape)} vs {tuple(b_units.shape)}")
+    acc = a_units.to(torch.float32) @ b_units.to(torch.float32).T
+    return (acc * (a_tensor_scale * b_tensor_scale)).to(out_dtype)
 
 
 ROUNDTRIP_METHODS = ("rtn", "four_over_six", "sr", "eden")

@@ -3,16 +3,22 @@
 Each op is a ``torch.library.triton_op``: Inductor traces into its body, so on CUDA the Triton
 kernels of ``quartet_compile.kernels`` (launched through ``wrap_triton``) land in Inductor's
 output code, and on CPU the reference PyTorch body (from nvfp4.py) is compiled to C++. Every op
-takes and returns plain tensors (NVFP4 triples are flattened to ``codes, scales, tensor_scale``),
-has an exact fake implementation and no host synchronisation.
+takes and returns plain tensors, has an exact fake implementation and no host synchronisation.
 
-Ops (all 2-D, quantization groups along the last dim of every output triple):
+Every quantizer returns ``codes, scales, tensor_scale, units``: the NVFP4 triple (flattened) and
+its unit values e2m1 * e4m3 in bf16 (exact; ``nvfp4.units``), written by the same kernel pass.
+The GEMM multiplies units on BF16 tensor cores and applies the tensor scales to the float32
+accumulator, so no pass over the data sits between a quantizer and its GEMM (benchmarks/NOTES.md,
+round 6). The triple is what the backward keeps of a forward operand (requant reads it).
+
+Ops (all 2-D, quantization groups along the last dim of every output):
 - ``quantize_fwd(x[R,C], amax[], four_over_six)``: RTN (+ four-over-six) forward operand.
 - ``rht_eden(x[R,C], signs[128], seed[], transpose, method)``: rotate and quantize x (or x.T)
   along its last dim, reduction dim zero-padded to 128; ``method`` is "eden" (MS-EDEN) or "sr"
   (element-wise stochastic rounding, the comparison recipe).
 - ``requant(codes, scales, tensor_scale, signs, seed, method)``: the same for deq(triple).T.
-- ``gemm(a triple, b triple, out_dtype)``: deq(a) @ deq(b).T, float32 accumulation.
+- ``gemm(a_units, a_tensor_scale, b_units, b_tensor_scale, out_dtype)``: deq(a) @ deq(b).T,
+  float32 accumulation.
 """
 
 from __future__ import annotations
@@ -25,16 +31,21 @@ from quartet_compile.kernels import gemm as gemm_kernels
 from quartet_compile.kernels import quantize as quantize_kernels
 from quartet_compile.kernels import rht_eden as rht_eden_kernels
 
-Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _triple_like(x: torch.Tensor, rows: int, cols: int) -> Triple:
+def _quantized_like(x: torch.Tensor, rows: int, cols: int) -> Quantized:
     """Empty outputs of a quantizer producing a [rows, cols] NVFP4 tensor."""
     return (
         x.new_empty((rows, cols // 2), dtype=torch.uint8),
         x.new_empty((rows, cols // nvfp4.GROUP), dtype=torch.float8_e4m3fn),
         x.new_empty((), dtype=torch.float32),
+        x.new_empty((rows, cols), dtype=torch.bfloat16),
     )
+
+
+def _with_units(q: nvfp4.NVFP4Tensor) -> Quantized:
+    return (*q, nvfp4.units(q))
 
 
 def _padded(n: int) -> int:
@@ -67,18 +78,18 @@ def _rotation_inputs_check(signs: torch.Tensor, seed: torch.Tensor) -> None:
 
 
 @triton_op("quartet2::quantize_fwd", mutates_args=())
-def quantize_fwd(x: torch.Tensor, amax: torch.Tensor, four_over_six: bool) -> Triple:
+def quantize_fwd(x: torch.Tensor, amax: torch.Tensor, four_over_six: bool) -> Quantized:
     nvfp4.check_floating(x)
     nvfp4.check_2d_multiple(x, nvfp4.GROUP)
     if x.is_cuda:
         return quantize_kernels.quantize_rtn(x, amax, four_over_six)
-    return tuple(nvfp4.quantize_rtn(x, four_over_six, amax))
+    return _with_units(nvfp4.quantize_rtn(x, four_over_six, amax))
 
 
 @quantize_fwd.register_fake
-def _(x: torch.Tensor, amax: torch.Tensor, four_over_six: bool) -> Triple:
+def _(x: torch.Tensor, amax: torch.Tensor, four_over_six: bool) -> Quantized:
     nvfp4.check_2d_multiple(x, nvfp4.GROUP)
-    return _triple_like(x, x.shape[0], x.shape[1])
+    return _quantized_like(x, x.shape[0], x.shape[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,17 +100,17 @@ def _(x: torch.Tensor, amax: torch.Tensor, four_over_six: bool) -> Triple:
 @triton_op("quartet2::rht_eden", mutates_args=())
 def rht_eden(
     x: torch.Tensor, signs: torch.Tensor, seed: torch.Tensor, transpose: bool, method: str
-) -> Triple:
+) -> Quantized:
     _rotation_inputs_check(signs, seed)
     if x.is_cuda:
         return rht_eden_kernels.rht_quantize(x, signs, seed, transpose, method)
-    return tuple(nvfp4.rht_quantize(x, signs, seed, transpose, method))
+    return _with_units(nvfp4.rht_quantize(x, signs, seed, transpose, method))
 
 
 @rht_eden.register_fake
-def _(x, signs, seed, transpose, method) -> Triple:
+def _(x, signs, seed, transpose, method) -> Quantized:
     rows, cols = (x.shape[1], x.shape[0]) if transpose else (x.shape[0], x.shape[1])
-    return _triple_like(x, rows, _padded(cols))
+    return _quantized_like(x, rows, _padded(cols))
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,17 +126,18 @@ def requant(
     signs: torch.Tensor,
     seed: torch.Tensor,
     method: str,
-) -> Triple:
+) -> Quantized:
     _check_triple(codes, scales, tensor_scale)
     _rotation_inputs_check(signs, seed)
     if codes.is_cuda:
         return rht_eden_kernels.requant(codes, scales, tensor_scale, signs, seed, method)
-    return tuple(nvfp4.requant(nvfp4.NVFP4Tensor(codes, scales, tensor_scale), signs, seed, method))
+    triple = nvfp4.NVFP4Tensor(codes, scales, tensor_scale)
+    return _with_units(nvfp4.requant(triple, signs, seed, method))
 
 
 @requant.register_fake
-def _(codes, scales, tensor_scale, signs, seed, method) -> Triple:
-    return _triple_like(codes, codes.shape[1] * 2, _padded(codes.shape[0]))
+def _(codes, scales, tensor_scale, signs, seed, method) -> Quantized:
+    return _quantized_like(codes, codes.shape[1] * 2, _padded(codes.shape[0]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,29 +147,37 @@ def _(codes, scales, tensor_scale, signs, seed, method) -> Triple:
 
 @triton_op("quartet2::gemm", mutates_args=())
 def gemm(
-    a_codes: torch.Tensor,
-    a_scales: torch.Tensor,
+    a_units: torch.Tensor,
     a_tensor_scale: torch.Tensor,
-    b_codes: torch.Tensor,
-    b_scales: torch.Tensor,
+    b_units: torch.Tensor,
     b_tensor_scale: torch.Tensor,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    _check_triple(a_codes, a_scales, a_tensor_scale)
-    _check_triple(b_codes, b_scales, b_tensor_scale)
-    if a_codes.is_cuda:
-        return gemm_kernels.gemm(
-            a_codes, a_scales, a_tensor_scale, b_codes, b_scales, b_tensor_scale, out_dtype
-        )
-    a = nvfp4.NVFP4Tensor(a_codes, a_scales, a_tensor_scale)
-    b = nvfp4.NVFP4Tensor(b_codes, b_scales, b_tensor_scale)
-    return nvfp4.gemm(a, b, out_dtype)
+    _check_units(a_units, a_tensor_scale, b_units, b_tensor_scale)
+    if a_units.is_cuda:
+        return gemm_kernels.gemm_units(a_units, a_tensor_scale, b_units, b_tensor_scale, out_dtype)
+    return nvfp4.gemm_units(a_units, a_tensor_scale, b_units, b_tensor_scale, out_dtype)
 
 
 @gemm.register_fake
-def _(a_codes, a_scales, a_tensor_scale, b_codes, b_scales, b_tensor_scale, out_dtype):
-    if a_codes.shape[1] != b_codes.shape[1]:
-        raise ValueError(
-            f"gemm operands disagree on K: {a_codes.shape[1] * 2} vs {b_codes.shape[1] * 2}"
-        )
-    return a_codes.new_empty((a_codes.shape[0], b_codes.shape[0]), dtype=out_dtype)
+def _(a_units, a_tensor_scale, b_units, b_tensor_scale, out_dtype):
+    _check_units(a_units, a_tensor_scale, b_units, b_tensor_scale)
+    return a_units.new_empty((a_units.shape[0], b_units.shape[0]), dtype=out_dtype)
+
+
+def _check_units(
+    a_units: torch.Tensor,
+    a_tensor_scale: torch.Tensor,
+    b_units: torch.Tensor,
+    b_tensor_scale: torch.Tensor,
+) -> None:
+    for name, t, ts in (("a", a_units, a_tensor_scale), ("b", b_units, b_tensor_scale)):
+        if t.dtype != torch.bfloat16 or t.dim() != 2:
+            raise TypeError(
+                f"gemm operand {name} must be the 2-D bfloat16 units of a quantizer op, got "
+                f"{t.dtype}{tuple(t.shape)}"
+            )
+        if ts.dim() != 0 or ts.dtype != torch.float32:
+            raise TypeError(f"{name}_tensor_scale must be a 0-d float32 tensor, got {ts.dtype}")
+    if a_units.shape[1] != b_units.shape[1]:
+        raise ValueError(f"gemm operands disagree on K: {a_units.shape[1]} vs {b_units.shape[1]}")

@@ -33,13 +33,16 @@ def _gaussian(rows: int, cols: int, seed: int, dtype=torch.bfloat16) -> torch.Te
     return (torch.randn(rows, cols, generator=g) * spread).to(dtype)
 
 
-def assert_same_triple(got, ref: q.NVFP4Tensor) -> None:
-    codes, scales, ts = got
+def assert_same_quantized(got, ref: q.NVFP4Tensor) -> None:
+    """A kernel's (codes, scales, tensor_scale, units) equal the reference triple and its units."""
+    codes, scales, ts, units = got
     assert codes.dtype == torch.uint8 and scales.dtype == torch.float8_e4m3fn
     assert torch.equal(codes, ref.codes), f"{(codes != ref.codes).sum()} code bytes differ"
     diff = scales.view(torch.uint8) != ref.scales.view(torch.uint8)
     assert not diff.any(), f"{diff.sum()} of {diff.numel()} scales differ"
     assert ts.dtype == torch.float32 and ts.shape == () and torch.equal(ts, ref.tensor_scale)
+    assert units.dtype == torch.bfloat16 and units.shape == ref.shape
+    assert torch.equal(units, q.units(ref)), f"{(units != q.units(ref)).sum()} units differ"
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -93,7 +96,7 @@ def test_quantize_matches_reference_bit_for_bit(four_over_six, rows, cols, dtype
     x[1, :16] = 0  # an all-zero group stores scale 1
     amax = x.float().abs().amax()
     got = quantize.quantize_rtn(x, amax, four_over_six)
-    assert_same_triple(got, q.quantize_rtn(x, four_over_six, amax))
+    assert_same_quantized(got, q.quantize_rtn(x, four_over_six, amax))
     assert got[1][1, 0].float() == 1
 
 
@@ -102,7 +105,7 @@ def test_quantize_takes_the_graphs_amax():
     x = _gaussian(32, 128, seed=1)
     amax = torch.tensor(1536.0 * 4)
     got = quantize.quantize_rtn(x, amax, True)
-    assert_same_triple(got, q.quantize_rtn(x, True, amax))
+    assert_same_quantized(got, q.quantize_rtn(x, True, amax))
     assert got[2] == 4.0
 
 
@@ -122,13 +125,13 @@ def test_rht_quantize_matches_reference_bit_for_bit(method, transpose):
     got = rht_eden.rht_quantize(x, signs, seed, transpose, method)
     ref = q.rht_quantize(x, signs, seed, transpose, method)
     assert got[0].shape == ((256, 128) if transpose else (200, 128))
-    assert_same_triple(got, ref)
+    assert_same_quantized(got, ref)
 
 
 def test_rht_quantize_float32_input_and_unpadded_plain_rows():
     x = _gaussian(48, 200, seed=5, dtype=torch.float32)  # plain: columns padded 200 -> 256
     signs, seed = _signs_and_seed(6)
-    assert_same_triple(
+    assert_same_quantized(
         rht_eden.rht_quantize(x, signs, seed, False, "eden"),
         q.rht_quantize(x, signs, seed, False, "eden"),
     )
@@ -155,14 +158,14 @@ def test_requant_matches_reference_bit_for_bit(method):
     signs, seed = _signs_and_seed(10)
     got = rht_eden.requant(*fwd, signs, seed, method)
     assert got[0].shape == (384, 128)  # [cols, padded rows / 2]
-    assert_same_triple(got, q.requant(fwd, signs, seed, method))
+    assert_same_quantized(got, q.requant(fwd, signs, seed, method))
 
 
 def test_requant_with_any_tensor_scale_is_one_rounding_away():
     w = _gaussian(128, 256, seed=11, dtype=torch.float32)
     fwd = q.quantize_rtn(w, True)
     signs, seed = _signs_and_seed(12)
-    got = q.NVFP4Tensor(*rht_eden.requant(*fwd, signs, seed, "eden"))
+    got = q.NVFP4Tensor(*rht_eden.requant(*fwd, signs, seed, "eden")[:3])
     ref = q.requant(fwd, signs, seed, "eden")
     assert (got.codes == ref.codes).float().mean() > 0.99
     torch.testing.assert_close(got.tensor_scale, ref.tensor_scale, rtol=1e-6, atol=0)
@@ -173,19 +176,19 @@ def test_requant_with_any_tensor_scale_is_one_rounding_away():
 # ------------------------------------------------------------------------------------ gemm
 
 
-def test_dequantize_units_are_exact():
-    t = q.quantize_rtn(_gaussian(48, 256, seed=13, dtype=torch.float32))
-    units = gemm.dequantize_units(t.codes, t.scales)
-    elems = q.e2m1_decode(q.unpack_nibbles(t.codes)).view(48, -1, q.GROUP)
-    expected = (elems * t.scales.float().unsqueeze(-1)).view(48, -1)
-    assert units.dtype == torch.bfloat16 and torch.equal(units.float(), expected)
+def test_units_are_the_exact_dequantized_values_without_the_tensor_scale():
+    # Amax 1536 * 2^-3: a power-of-two tensor scale, so deq = units * tensor_scale exactly.
+    t = q.quantize_rtn(_gaussian(48, 256, seed=13, dtype=torch.float32), True, torch.tensor(192.0))
+    units = q.units(t)
+    assert units.dtype == torch.bfloat16
+    assert torch.equal(units.float() * t.tensor_scale, t.dequantize())
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_fused_gemm_matches_reference(out_dtype):
     a = q.quantize_rtn(_gaussian(96, 320, seed=14, dtype=torch.float32))
     b = q.quantize_rtn(_gaussian(80, 320, seed=15, dtype=torch.float32))
-    out = gemm.gemm(*a, *b, out_dtype, design="fused")
+    out = gemm.gemm_nvfp4(*a, *b, out_dtype, design="fused")
     ref = q.gemm(a, b, torch.float32)
     assert out.dtype == out_dtype and out.shape == (96, 80)
     tol = 1e-6 if out_dtype == torch.float32 else 4e-3
@@ -223,9 +226,11 @@ def test_no_launch_passes_one_tensor_as_two_arguments(monkeypatch: pytest.Monkey
     for method in ("eden", "sr"):
         for transpose in (False, True):
             rht_eden.rht_quantize(x, signs, seed, transpose, method)
-        rht_eden.requant(*xq, signs, seed, method)
-    gemm.dequantize_units(*xq[:2])
-    expected = {"_quantize_rtn_kernel", "_eden_data_kernel", "_sr_kernel", "_dequantize_kernel"}
+        rht_eden.requant(*xq[:3], signs, seed, method)
+    wq = quantize.quantize_rtn(x[:32], x[:32].float().abs().amax(), True)
+    gemm.gemm_nvfp4(*xq[:3], *wq[:3], torch.float32, design="fused")
+    expected = {"_quantize_rtn_kernel", "_eden_data_kernel", "_eden_scales_kernel", "_sr_kernel",
+                "_fused_gemm_kernel"}  # fmt: skip
     assert {name for name, _ in launches} >= expected
     for name, tensors in launches:
         storages = [t.untyped_storage().data_ptr() for t in tensors]
@@ -245,6 +250,6 @@ def test_kernels_reject_bad_inputs_clearly():
         rht_eden.rht_quantize(x, signs, seed, False, "rtn")
     a, b = q.quantize_rtn(x), q.quantize_rtn(x[:, :64])
     with pytest.raises(ValueError, match="disagree on K"):
-        gemm.gemm(*a, *b, torch.bfloat16)
+        gemm.gemm_nvfp4(*a, *b, torch.bfloat16, design="fused")
     with pytest.raises(ValueError, match=r"needs a Blackwell GPU \(capability >= 10\)"):
-        gemm.gemm(*a, *a, torch.bfloat16, design="dot_scaled")
+        gemm.gemm_nvfp4(*a, *a, torch.bfloat16, design="dot_scaled")

@@ -45,16 +45,22 @@ def _signs_and_seed(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _differing_groups(got, ref: q.NVFP4Tensor) -> torch.Tensor:
-    codes, scales, _ = got
+    """Groups whose codes, scale or unit values differ from the reference's."""
+    codes, scales, _, units = got
     rows = codes.shape[0]
     by_codes = (codes != ref.codes).view(rows, -1, q.GROUP // 2).any(-1)
-    return by_codes | (scales.view(torch.uint8) != ref.scales.view(torch.uint8))
+    # NaN units (a NaN group) compare as equal to NaN reference units.
+    ref_units = q.units(ref)
+    by_units = ~((units == ref_units) | (units.isnan() & ref_units.isnan()))
+    by_units = by_units.view(rows, -1, q.GROUP).any(-1)
+    return by_codes | by_units | (scales.view(torch.uint8) != ref.scales.view(torch.uint8))
 
 
-def assert_same_triple(got, ref: q.NVFP4Tensor) -> None:
+def assert_same_quantized(got, ref: q.NVFP4Tensor) -> None:
     diff = _differing_groups(got, ref)
     assert not diff.any(), f"{diff.sum()} of {diff.numel()} groups differ"
     assert torch.equal(got[2], ref.tensor_scale)
+    assert got[3].dtype == torch.bfloat16 and got[3].shape == ref.shape
 
 
 # ------------------------------------------------------------------------------ quantize_fwd
@@ -86,9 +92,10 @@ def test_quantize_fwd_matches_reference(four_over_six):
 def test_quantize_fwd_propagates_nan():
     x = _gaussian(256, 1024, seed=2, dtype=torch.float32)
     x[3, 20] = float("nan")
-    codes, scales, ts = OPS.quantize_fwd(x, x.abs().nan_to_num(0).amax(), True)
+    codes, scales, ts, units = OPS.quantize_fwd(x, x.abs().nan_to_num(0).amax(), True)
     deq = q.dequantize(q.NVFP4Tensor(codes, scales, ts))
     assert deq[3, 16:32].isnan().all() and not deq[4].isnan().any()
+    assert units[3, 16:32].isnan().all() and not units[4].isnan().any()
 
 
 # ------------------------------------------------------------------------- rht_eden / requant
@@ -101,7 +108,7 @@ def test_rht_eden_matches_reference_bit_for_bit(method, transpose):
     signs, seed = _signs_and_seed(4)
     _poison()
     got = OPS.rht_eden(x, signs, seed, transpose, method)
-    assert_same_triple(got, q.rht_quantize(x, signs, seed, transpose, method))
+    assert_same_quantized(got, q.rht_quantize(x, signs, seed, transpose, method))
 
 
 @pytest.mark.parametrize("transpose", [False, True])
@@ -134,7 +141,7 @@ def test_requant_matches_reference_bit_for_bit(method):
     _poison()
     got = OPS.requant(*fwd, signs, seed, method)
     assert got[0].shape == (COLS, 16384 // 2)
-    assert_same_triple(got, q.requant(fwd, signs, seed, method))
+    assert_same_quantized(got, q.requant(fwd, signs, seed, method))
 
 
 # ------------------------------------------------------------------------------------ gemm
@@ -144,10 +151,24 @@ def _blackwell() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 10
 
 
+def _gemm_operands():
+    a = q.quantize_rtn(_gaussian(4096 - 24, 4096, seed=11, dtype=torch.float32))
+    b = q.quantize_rtn(_gaussian(2048, 4096, seed=12, dtype=torch.float32))
+    return a, b, q.gemm(a, b, torch.float32)
+
+
+def test_gemm_op_on_units_matches_reference():
+    a, b, ref = _gemm_operands()
+    _poison()
+    out = OPS.gemm(q.units(a), a.tensor_scale, q.units(b), b.tensor_scale, torch.float32)
+    assert ((out - ref).norm() / ref.norm()) < 1e-5
+    out = OPS.gemm(q.units(a), a.tensor_scale, q.units(b), b.tensor_scale, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and ((out.float() - ref).norm() / ref.norm()) < 4e-3
+
+
 @pytest.mark.parametrize(
     "design",
     [
-        "cublas",
         "fused",
         pytest.param(
             "dot_scaled",
@@ -155,22 +176,13 @@ def _blackwell() -> bool:
         ),
     ],
 )
-def test_gemm_matches_reference(design):
-    a = q.quantize_rtn(_gaussian(4096 - 24, 4096, seed=11, dtype=torch.float32))
-    b = q.quantize_rtn(_gaussian(2048, 4096, seed=12, dtype=torch.float32))
-    ref = q.gemm(a, b, torch.float32)
+def test_gemm_on_triples_matches_reference(design):
+    a, b, ref = _gemm_operands()
     _poison()
-    out = gemm.gemm(*a, *b, torch.float32, design=design)
+    out = gemm.gemm_nvfp4(*a, *b, torch.float32, design=design)
     assert ((out - ref).norm() / ref.norm()) < 1e-5
-    out = gemm.gemm(*a, *b, torch.bfloat16, design=design)
+    out = gemm.gemm_nvfp4(*a, *b, torch.bfloat16, design=design)
     assert out.dtype == torch.bfloat16 and ((out.float() - ref).norm() / ref.norm()) < 4e-3
-
-
-def test_gemm_op_uses_the_chosen_design():
-    a = q.quantize_rtn(_gaussian(512, 1024, seed=13))
-    b = q.quantize_rtn(_gaussian(256, 1024, seed=14))
-    expected = gemm.gemm(*a, *b, torch.bfloat16, design=gemm.DESIGN)
-    assert torch.equal(OPS.gemm(*a, *b, torch.bfloat16), expected)
 
 
 # ------------------------------------------------------------------------------ torch.compile
@@ -192,15 +204,16 @@ def test_compiled_ops_inline_the_kernels_and_match_eager():
     def fwd_bwd(x, amax, signs, seed):
         xq = OPS.quantize_fwd(x, amax, True)
         gq = OPS.rht_eden(x, signs, seed, True, "eden")
-        rq = OPS.requant(*xq, signs, seed, "eden")
-        return xq, gq, rq, OPS.gemm(*gq, *rq, torch.bfloat16)
+        rq = OPS.requant(*xq[:3], signs, seed, "eden")
+        return xq, gq, rq, OPS.gemm(gq[3], gq[2], rq[3], rq[2], torch.bfloat16)
 
     out, code = _compiled_code(fwd_bwd, x, amax, signs, seed)
     for kernel in ("_quantize_rtn_kernel", "_eden_data_kernel", "_eden_scales_kernel"):
         assert kernel in code, f"{kernel} not in Inductor's output code"
-    assert "_dequantize_kernel" in code or "_fused_gemm_kernel" in code
+    assert "extern_kernels.mm(" in code  # the units go to cuBLAS, with no pass in between
     eager = fwd_bwd(x, amax, signs, seed)
     for got, ref in zip(out[:3], eager[:3], strict=True):
         assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2])
         assert torch.equal(got[1].view(torch.uint8), ref[1].view(torch.uint8))
+        assert torch.equal(got[3], ref[3])
     assert torch.equal(out[3], eager[3])

@@ -30,7 +30,7 @@ def _opcheck_cases():
         (OPS.rht_eden.default, (i["x"], i["signs"], i["seed"], False, "eden")),
         (OPS.rht_eden.default, (i["x"], i["signs"], i["seed"], True, "sr")),
         (OPS.requant.default, (*wq, i["signs"], i["seed"], "eden")),
-        (OPS.gemm.default, (*xq, *wq, torch.bfloat16)),
+        (OPS.gemm.default, (q.units(xq), xq[2], q.units(wq), wq[2], torch.bfloat16)),
     ]
 
 
@@ -49,19 +49,23 @@ def test_ops_equal_the_reference_functions():
     fwd = OPS.quantize_fwd(i["x"], amax, True)
     ref = q.quantize_rtn(i["x"], True)
     assert torch.equal(fwd[0], ref.codes) and torch.equal(fwd[2], ref.tensor_scale)
+    assert fwd[3].dtype == torch.bfloat16 and torch.equal(fwd[3], q.units(ref))
 
     bwd = OPS.rht_eden(i["x"], i["signs"], i["seed"], True, "eden")
     ref = q.rht_quantize(i["x"], i["signs"], i["seed"], transpose=True)
     assert bwd[0].shape == (256, 128)  # 200 tokens padded to 256, packed two per byte
     assert torch.equal(bwd[1].view(torch.uint8), ref.scales.view(torch.uint8))
+    assert bwd[3].shape == (256, 256) and torch.equal(bwd[3], q.units(ref))
 
     wq = q.quantize_rtn(i["w"])
     req = OPS.requant(*wq, i["signs"], i["seed"], "sr")
     ref = q.requant(wq, i["signs"], i["seed"], method="sr")
     assert torch.equal(req[0], ref.codes)
 
-    out = OPS.gemm(*fwd, *wq, torch.float32)
-    assert torch.allclose(out, q.dequantize(q.NVFP4Tensor(*fwd)) @ wq.dequantize().T)
+    out = OPS.gemm(fwd[3], fwd[2], q.units(wq), wq.tensor_scale, torch.float32)
+    ref = q.gemm(q.NVFP4Tensor(*fwd[:3]), wq, torch.float32)
+    # Tensor scales on the accumulator vs. folded into the operands: float32 rounding apart.
+    assert (out - ref).norm() / ref.norm() < 1e-6
 
 
 def test_ops_trace_into_inductor_cpu_code_and_match_eager():
@@ -70,9 +74,10 @@ def test_ops_trace_into_inductor_cpu_code_and_match_eager():
     def f(x, w, signs, seed):
         xq = OPS.quantize_fwd(x, x.float().abs().amax(), True)
         wq = OPS.quantize_fwd(w, w.abs().amax(), True)
-        y = OPS.gemm(*xq, *wq, torch.bfloat16)
-        wt = OPS.requant(*wq, signs, seed, "eden")
-        return y, OPS.gemm(*OPS.rht_eden(y, signs, seed, False, "eden"), *wt, torch.float32)
+        y = OPS.gemm(xq[3], xq[2], wq[3], wq[2], torch.bfloat16)
+        wt = OPS.requant(*wq[:3], signs, seed, "eden")
+        dyq = OPS.rht_eden(y, signs, seed, False, "eden")
+        return y, OPS.gemm(dyq[3], dyq[2], wt[3], wt[2], torch.float32)
 
     args = (i["x"], i["w"], i["signs"], i["seed"])
     eager = f(*args)
@@ -100,6 +105,18 @@ def test_ops_trace_into_inductor_cpu_code_and_match_eager():
             lambda i: OPS.requant(i["w"], i["w"], i["seed"], i["signs"], i["seed"], "eden"),
             TypeError,
             "triple",
+        ),
+        (
+            lambda i: OPS.gemm(i["w"], i["seed"].float(), i["w"], i["seed"].float(), torch.float32),
+            TypeError,
+            "bfloat16 units of a quantizer op",
+        ),
+        (
+            lambda i: OPS.gemm(
+                i["x"], i["seed"].float(), i["x"][:, :128], i["seed"].float(), torch.float32
+            ),
+            ValueError,
+            "disagree on K",
         ),
     ],
 )

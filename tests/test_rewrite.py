@@ -17,7 +17,7 @@ def test_inline_body_replaces_op_calls_by_their_traced_bodies() -> None:
     def program(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         xq = q2.quantize_fwd(x, x.abs().amax(), True)
         wq = q2.quantize_fwd(w, w.abs().amax(), True)
-        return q2.gemm(*xq, *wq, torch.float32)
+        return q2.gemm(xq[3], xq[2], wq[3], wq[2], torch.float32)
 
     x, w = torch.randn(128, 128), torch.randn(256, 128)
     gm = make_fx(program, tracing_mode="fake")(x, w)
@@ -37,8 +37,8 @@ def test_inline_body_reuses_a_trace_per_call_signature_with_fresh_fake_values() 
 
     def program(x1: torch.Tensor, x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         wq = q2.quantize_fwd(w, w.abs().amax(), True)
-        outs = [q2.gemm(*q2.quantize_fwd(x, x.abs().amax(), True), *wq, torch.float32)
-                for x in (x1, x2)]  # fmt: skip
+        xqs = [q2.quantize_fwd(x, x.abs().amax(), True) for x in (x1, x2)]
+        outs = [q2.gemm(xq[3], xq[2], wq[3], wq[2], torch.float32) for xq in xqs]
         return outs[0] + outs[1]
 
     x1, x2, w = torch.randn(128, 128), torch.randn(128, 128), torch.randn(256, 128)
