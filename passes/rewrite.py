@@ -48,8 +48,10 @@ prims = torch.ops.prims
 q2 = torch.ops.quartet2
 # A quantizer op's outputs: codes, scales, tensor_scale (the NVFP4 triple) and units.
 Quantized = tuple[fx.Node, fx.Node, fx.Node, fx.Node]
-# A traced op body and the module attributes its constants were given (reused with it).
-Body = tuple[fx.GraphModule, dict[str, str]]
+# Traced op bodies by call signature (op, constant arguments, tensor metadata), for the whole
+# process: a model's layers repeat the same few calls, and so do the blocks that regional
+# compilation hands over as separate graphs. Signatures with symbolic sizes are not kept.
+_TRACES: dict[Hashable, fx.GraphModule] = {}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Meta that describes where a node comes from (module, autograd seq_nr, forward/backward side,
 # checkpoint tags): the replacement inherits it from the node it replaces.
@@ -100,7 +102,8 @@ def _shape_text(node: fx.Node) -> str:
     return f"{list(shape_of(a))} @ {list(shape_of(b))}"
 
 
-def _skip_pattern(name: str, config: QuartetConfig) -> str | None:
+def skip_pattern(name: str, config: QuartetConfig) -> str | None:
+    """The first of ``config.skip`` that keeps module ``name``'s linears in high precision."""
     last = name.rsplit(".", 1)[-1]
     return next(
         (p for p in config.skip if fnmatch.fnmatch(name, p) or fnmatch.fnmatch(last, p)), None
@@ -109,7 +112,7 @@ def _skip_pattern(name: str, config: QuartetConfig) -> str | None:
 
 def _linear_reason(lin: Linear, config: QuartetConfig) -> str | None:
     """Why none of this linear's matmuls can be rewritten, or None."""
-    pattern = _skip_pattern(lin.name, config)
+    pattern = skip_pattern(lin.name, config)
     if pattern is not None:
         return f"skipped by pattern {pattern!r}"
     t, k, n = lin.dims
@@ -171,8 +174,8 @@ class _Emitter:
         self.created: list[fx.Node] = []
         self.replaced: list[tuple[fx.Node, fx.Node]] = []
         self.replacements: dict[fx.Node, fx.Node] = {}
-        # Traced op bodies by call signature: a model's layers repeat the same few calls.
-        self.bodies: dict[Hashable, Body] = {}
+        # Names given in this graph's module to the constants of inlined bodies.
+        self.constants: dict[Hashable, str] = {}
 
     def current(self, node: fx.Node) -> fx.Node:
         """What ``node`` became if an earlier linear's rewrite replaced it."""
@@ -222,7 +225,7 @@ class _Emitter:
                 isinstance(node.target, torch._ops.OpOverload)
                 and node.target.namespace == "quartet2"
             ):
-                _decompose_on_cuda(self.graph, node, self.fake_mode, self.bodies)
+                _decompose_on_cuda(self.graph, node, self.fake_mode, self.constants)
         self.created.clear()
         self.replaced.clear()
 
@@ -335,13 +338,13 @@ def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
 
 
 def _decompose_on_cuda(
-    graph: fx.Graph, node: fx.Node, fake_mode: Any, bodies: dict[Hashable, Body]
+    graph: fx.Graph, node: fx.Node, fake_mode: Any, constants: dict[Hashable, str]
 ) -> None:
     """Inline a quartet2 op's body in place of the op call when it runs on CUDA."""
     if node.meta["val"] is None or not _first_tensor(node.meta["val"]).is_cuda:
         return
     try:
-        inline_body(graph, node, fake_mode, bodies)
+        inline_body(graph, node, fake_mode, constants)
     except Exception:  # noqa: BLE001  (an opaque op call still runs the same kernels)
         log.debug("quartet2: kept %s as an op call", node.format_node(), exc_info=True)
 
@@ -354,23 +357,26 @@ def inline_body(
     graph: fx.Graph,
     node: fx.Node,
     fake_mode: Any,
-    bodies: dict[Hashable, Body] | None = None,
+    constants: dict[Hashable, str] | None = None,
 ) -> None:
     """Replace ``node`` by its op's traced body, as AOTAutograd's functionalization would have
     traced a triton_op (its Triton kernels become ``triton_kernel_wrapper_functional`` nodes).
 
-    ``bodies`` caches traces by call signature (op, constant arguments, tensor metadata)."""
+    Traces are reused by call signature (``_TRACES``); ``constants`` names the module attributes
+    already given to a body's constants in this graph."""
+    constants = {} if constants is None else constants
     tensors = [a for a in node.args if isinstance(a, fx.Node)]
     signature = (
         node.target,
         tuple(None if isinstance(a, fx.Node) else a for a in node.args),
         tuple(_tensor_signature(t.meta["val"]) for t in tensors),
     )
-    cached = bodies.get(signature) if bodies is not None else None
-    reused = cached is not None
-    traced, attrs = cached or (_trace_body(node, [t.meta["val"] for t in tensors], fake_mode), {})
-    if bodies is not None:
-        bodies[signature] = (traced, attrs)
+    traced = _TRACES.get(signature)
+    reused = traced is not None
+    if traced is None:
+        traced = _trace_body(node, [t.meta["val"] for t in tensors], fake_mode)
+        if _concrete(signature[2]):
+            _TRACES[signature] = traced
     env: dict[fx.Node, Any] = dict(
         zip((n for n in traced.graph.nodes if n.op == "placeholder"), tensors, strict=True)
     )
@@ -379,11 +385,15 @@ def inline_body(
             if inner.op == "output":
                 out = fx.map_arg(inner.args[0], env.__getitem__)
             elif inner.op == "get_attr":  # a constant of the body (e.g. a lookup table)
-                if inner.target not in attrs:
-                    attrs[inner.target] = _fresh_attr(graph.owning_module, inner.target)
-                    setattr(graph.owning_module, attrs[inner.target], getattr(traced, inner.target))
-                env[inner] = graph.get_attr(attrs[inner.target])
+                key = (signature, inner.target)
+                if key not in constants:
+                    constants[key] = _fresh_attr(graph.owning_module, inner.target)
+                    setattr(graph.owning_module, constants[key], getattr(traced, inner.target))
+                env[inner] = graph.get_attr(constants[key])
                 env[inner].meta.update(inner.meta)
+                if reused:
+                    constant = getattr(traced, inner.target)
+                    env[inner].meta["val"] = fake_mode.from_tensor(constant, static_shapes=True)
             elif inner.op != "placeholder":
                 env[inner] = copy = graph.node_copy(inner, env.__getitem__)
                 copy.meta.update(_inherited(node))
@@ -402,6 +412,12 @@ def inline_body(
 
 def _tensor_signature(t: torch.Tensor) -> Hashable:
     return (tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+def _concrete(tensor_signatures: tuple[Hashable, ...]) -> bool:
+    return all(
+        isinstance(d, int) for shape, stride, *_ in tensor_signatures for d in (*shape, *stride)
+    )
 
 
 def _trace_body(node: fx.Node, values: list[torch.Tensor], fake_mode: Any) -> fx.GraphModule:

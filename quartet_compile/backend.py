@@ -27,7 +27,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from quartet_compile import config as config_module
-from quartet_compile import kernel_analysis, kernels, nvfp4, ops, passes
+from quartet_compile import kernel_analysis, kernels, nvfp4, ops, passes, regional
 from quartet_compile.config import QuartetConfig
 from quartet_compile.passes import match, rewrite
 from quartet_compile.passes.report import GraphReport
@@ -37,27 +37,34 @@ log = logging.getLogger("quartet_compile")
 # Everything the rewritten graphs depend on: a change to any of them must miss Inductor's caches.
 _SOURCES = tuple(
     sorted(str(f) for pkg in (passes, kernels) for f in Path(pkg.__file__).parent.glob("*.py"))
-) + tuple(str(Path(module.__file__)) for module in (config_module, nvfp4, ops))
+) + tuple(str(Path(module.__file__)) for module in (config_module, nvfp4, ops, regional))
 
 
 class QuartetPass(CustomGraphPass):
-    """The joint-graph pass: rewrites linears in place and hands each graph's report on."""
+    """The joint-graph pass: rewrites linears in place and hands each graph's report on.
+
+    ``skipped`` names the graph's modules that a skip pattern keeps in high precision: with the
+    parameters' positions and the config it is all the rewrite depends on besides the graph, so
+    the uuid holds those and not the parameter names, and repeated blocks share cache entries.
+    """
 
     def __init__(
         self,
         config: QuartetConfig,
         params: dict[int, str],
+        skipped: list[str],
         on_report: Callable[[GraphReport], None],
     ) -> None:
         self.config = config
         self.params = params
+        self.skipped = skipped
         self.on_report = on_report
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         self.on_report(rewrite.rewrite(graph, self.config, self.params))
 
     def uuid(self) -> bytes:
-        extra = f"{self.config.cache_key()}|{sorted(self.params.items())}"
+        extra = f"{self.config.cache_key()}|{sorted(self.params)}|{self.skipped}"
         return get_hash_for_files(_SOURCES, extra)
 
 
@@ -72,30 +79,46 @@ def compile_graph(
     on_report: Callable[[GraphReport], None] = _log_report,
     config_patches: dict[str, Any] | None = None,
 ) -> Callable[..., Any]:
-    """Compile a Dynamo graph with Inductor and the quartet2 pass on its AOTAutograd graphs."""
+    """Compile a Dynamo graph with Inductor and the quartet2 pass on its AOTAutograd graphs
+    (block by block when ``config.regional``)."""
     kernel_analysis.install()
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    params = {
-        i: _source_name(node)
-        for i, (node, x) in enumerate(zip(placeholders, example_inputs, strict=True))
-        if isinstance(x, torch.nn.Parameter) and not _is_sharded(node, x)
-    }
     reports: list[GraphReport] = []
+    cached = 0  # graphs that AOTAutograd's cache served: the pass did not run on them
 
     def record(graph_report: GraphReport) -> None:
         reports.append(graph_report)
         on_report(graph_report)
 
-    patches = {
-        **(config_patches or {}),
-        "joint_custom_pre_pass": QuartetPass(config, params, record),
-    }
-    inner = {} if config.inductor else {"inner_compile": _run_eagerly}
-    compiled = compile_fx(gm, example_inputs, config_patches=patches, **inner)
-    if not reports:
+    def compile_piece(piece: torch.fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
+        nonlocal cached
+        placeholders = [n for n in piece.graph.nodes if n.op == "placeholder"]
+        params = {
+            i: _source_name(node)
+            for i, (node, x) in enumerate(zip(placeholders, inputs, strict=True))
+            if isinstance(x, torch.nn.Parameter) and not _is_sharded(node, x)
+        }
+        modules = {match.module_name(n) for n in piece.graph.nodes} - {""}
+        skipped = sorted(m for m in modules if rewrite.skip_pattern(m, config))
+        patches = {
+            **(config_patches or {}),
+            "joint_custom_pre_pass": QuartetPass(config, params, skipped, record),
+        }
+        inner = {} if config.inductor else {"inner_compile": _run_eagerly}
+        reported = len(reports)
+        compiled = compile_fx(piece, inputs, config_patches=patches, **inner)
+        cached += len(reports) == reported
+        return compiled
+
+    if config.regional:
+        compiled = regional.compile_regions(gm, example_inputs, compile_piece)
+    else:
+        compiled = compile_piece(gm, example_inputs)
+    if cached:
         log.info(
-            "quartet2: a graph was loaded from Inductor's cache, so its report was not redone "
-            "(options={'force_disable_caches': True} shows it)"
+            "quartet2: %d graph(s) came from the compile caches (a model's repeated blocks reuse "
+            "the first block's), so their reports were not redone (options="
+            "{'force_disable_caches': True} shows them)",
+            cached,
         )
     return compiled
 

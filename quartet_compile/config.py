@@ -22,6 +22,9 @@ class QuartetConfig:
     min_dim: K and N below this stay in high precision (tiny layers gain nothing).
     inductor: False runs the rewritten AOTAutograd graphs eagerly instead of generating code
         (like backend="aot_eager"): to debug the pass apart from Inductor, and for fast CPU tests.
+    regional: compile a model's repeated blocks (``blocks.0``, ``blocks.1``, ...) as separate
+        graphs, so that Inductor's cache generates their code once (quartet_compile.regional);
+        False compiles the whole graph at once, fusing across block boundaries.
     """
 
     four_over_six: bool = True
@@ -31,6 +34,7 @@ class QuartetConfig:
     backward: bool = True
     min_dim: int = 128
     inductor: bool = True
+    regional: bool = True
 
     def __post_init__(self) -> None:
         if self.backward_method not in BACKWARD_METHODS:

@@ -1,9 +1,11 @@
 """Pieces of the pass that the end-to-end tests cannot reach on a CPU machine."""
 
+import pytest
 import torch
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from quartet_compile.passes import rewrite
 from quartet_compile.passes.match import dotted, resolve
 from quartet_compile.passes.rewrite import inline_body
 
@@ -31,7 +33,9 @@ def test_inline_body_replaces_op_calls_by_their_traced_bodies() -> None:
     torch.testing.assert_close(gm(x, w), program(x, w), rtol=0, atol=0)
 
 
-def test_inline_body_reuses_a_trace_per_call_signature_with_fresh_fake_values() -> None:
+def test_inline_body_reuses_a_trace_per_call_signature_with_fresh_fake_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Repeated layers trace each (op, constants, tensor metadata) once; the copies still get
     their own fake values, so no two nodes look like views of one storage."""
 
@@ -42,18 +46,23 @@ def test_inline_body_reuses_a_trace_per_call_signature_with_fresh_fake_values() 
         return outs[0] + outs[1]
 
     x1, x2, w = torch.randn(128, 128), torch.randn(128, 128), torch.randn(256, 128)
-    gm = make_fx(program, tracing_mode="fake")(x1, x2, w)
-    fake_mode = detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"])
-    bodies: dict = {}
-    for node in [n for n in gm.graph.nodes if str(n.target).startswith("quartet2.")]:
-        inline_body(gm.graph, node, fake_mode, bodies)
-    gm.graph.lint()
-    gm.recompile()
-    assert len(bodies) == 3  # quantize_fwd of [128, 128] and of [256, 128], one gemm shape
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-    vals = [n.meta["val"] for n in nodes if isinstance(n.meta["val"], torch.Tensor)]
-    assert len({id(v) for v in vals}) == len(vals)
-    torch.testing.assert_close(gm(x1, x2, w), program(x1, x2, w), rtol=0, atol=0)
+    monkeypatch.setattr(rewrite, "_TRACES", {})
+    # Two graphs of the same program: the second (as the next block, compiled on its own) only
+    # reuses traces, under its own fake mode.
+    for _ in range(2):
+        gm = make_fx(program, tracing_mode="fake")(x1, x2, w)
+        placeholders = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+        fake_mode = detect_fake_mode(placeholders)
+        for node in [n for n in gm.graph.nodes if str(n.target).startswith("quartet2.")]:
+            inline_body(gm.graph, node, fake_mode)
+        gm.graph.lint()
+        gm.recompile()
+        assert len(rewrite._TRACES) == 3  # quantize_fwd of [128, 128] and [256, 128], one gemm
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+        vals = [n.meta["val"] for n in nodes if isinstance(n.meta["val"], torch.Tensor)]
+        assert len({id(v) for v in vals}) == len(vals)
+        assert all(detect_fake_mode([v]) is fake_mode for v in vals)
+        torch.testing.assert_close(gm(x1, x2, w), program(x1, x2, w), rtol=0, atol=0)
 
 
 def test_resolve_follows_layout_ops_to_the_parameter() -> None:
