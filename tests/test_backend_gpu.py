@@ -56,3 +56,22 @@ def test_llama_block_runs_the_quartet2_triton_kernels_from_inductor_code() -> No
 
     report = quartet_compile.explain(model, tokens)
     assert report.rewritten() == 21
+
+
+def test_repeated_blocks_with_inlined_kernels_come_from_the_compile_caches(
+    tmp_path, monkeypatch
+) -> None:
+    """On CUDA the blocks' graphs hold our Triton kernels; the later blocks must still be served
+    by AOTAutograd's cache (and Inductor's), and train like the first."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = TinyLlama(dim=256, hidden=512, layers=3).cuda()
+    tokens = torch.randint(0, 256, (4, 128), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = torch.compile(model, backend="quartet2")(tokens)
+    out.float().square().mean().backward()
+    aot = torch._dynamo.utils.counters["aot_autograd"]
+    # The embedding, the head and the first block are compiled; the two later blocks are hits.
+    assert (aot["autograd_cache_miss"], aot["autograd_cache_hit"]) == (3, 2)
+    grads = [p.grad for p in model.parameters()]
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
