@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.split_module import split_module
 
 from quartet_compile.passes.match import dotted
@@ -83,7 +84,8 @@ def compile_regions(
         if name.startswith("submod_"):
             _rename_nodes(piece)
     log.info("quartet2: compiling %d pieces (blocks compiled once each)", max(pieces.values()) + 1)
-    fake_mode = detect_fake_mode(example_inputs)
+    # Dynamo's fake mode (a graph handed over outside torch.compile gets a fresh one).
+    fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode()
     # AOTAutograd caches a training graph once its backward is compiled, which by default waits
     # for the first backward call: every block's forward would be compiled before any entry is
     # saved. Compiling each backward with its forward lets the next block hit the cache.
