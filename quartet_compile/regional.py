@@ -51,12 +51,12 @@ def partition(gm: fx.GraphModule) -> dict[fx.Node, int] | None:
     container: nothing would be compiled once for several blocks.
     """
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    blocks = [block_of(n) for n in nodes]
-    for i, block in enumerate(blocks):
-        if block is None:
-            before = next((b for b in reversed(blocks[:i]) if b is not None), None)
-            after = next((b for b in blocks[i + 1 :] if b is not None), None)
-            blocks[i] = before if before == after else None
+    recorded = [block_of(n) for n in nodes]
+    before, after = _nearest(recorded), _nearest(recorded[::-1])[::-1]
+    blocks = [
+        block if block is not None else (prev if prev == nxt else None)
+        for block, prev, nxt in zip(recorded, before, after, strict=True)
+    ]
     containers = [b.rsplit(".", 1)[0] for b in dict.fromkeys(b for b in blocks if b)]
     if all(containers.count(c) < 2 for c in containers):
         return None
@@ -66,6 +66,15 @@ def partition(gm: fx.GraphModule) -> dict[fx.Node, int] | None:
             piece, current = piece + 1, block
         pieces[node] = piece
     return pieces
+
+
+def _nearest(blocks: list[str | None]) -> list[str | None]:
+    """For each position, the last block recorded before it (None if there is none)."""
+    nearest, last = [], None
+    for block in blocks:
+        nearest.append(last)
+        last = block if block is not None else last
+    return nearest
 
 
 def compile_regions(
