@@ -220,18 +220,21 @@ def seeded_uniform(seed: torch.Tensor, shape: torch.Size, device: torch.device) 
 
 def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """value = e2m1 * (e4m3_scale * tensor_scale), computed in float32."""
-    rows = q.codes.shape[0]
-    elems = e2m1_decode(unpack_nibbles(q.codes)).view(rows, -1, GROUP)
-    real_scales = q.scales.to(torch.float32).unsqueeze(-1) * q.tensor_scale.to(torch.float32)
-    return (elems * real_scales).view(rows, -1).to(dtype)
+    real_scales = q.scales.to(torch.float32) * q.tensor_scale.to(torch.float32)
+    return _scaled_elements(q.codes, real_scales).to(dtype)
 
 
 def units(q: NVFP4Tensor) -> torch.Tensor:
     """e2m1 * e4m3_scale per element, without the tensor scale, in bfloat16 (exact: 2 + 4
     significant bits): the operand a BF16 tensor-core GEMM multiplies (see ``gemm_units``)."""
-    rows = q.codes.shape[0]
-    elems = e2m1_decode(unpack_nibbles(q.codes)).view(rows, -1, GROUP)
-    return (elems * q.scales.to(torch.float32).unsqueeze(-1)).view(rows, -1).to(torch.bfloat16)
+    return _scaled_elements(q.codes, q.scales.to(torch.float32)).to(torch.bfloat16)
+
+
+def _scaled_elements(codes: torch.Tensor, group_scales: torch.Tensor) -> torch.Tensor:
+    """E2M1 values of packed ``codes`` times one float32 scale per group of 16, [rows, cols]."""
+    rows = codes.shape[0]
+    elems = e2m1_decode(unpack_nibbles(codes)).view(rows, -1, GROUP)
+    return (elems * group_scales.unsqueeze(-1)).view(rows, -1)
 
 
 def pairwise_sum(t: torch.Tensor) -> torch.Tensor:
