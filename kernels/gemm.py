@@ -17,9 +17,12 @@ The alternatives take NVFP4 triples (``gemm_nvfp4``), measured in benchmarks/ker
   the H100, against 92-98% for a separate dequantize pass + cuBLAS (benchmarks/NOTES.md), whose
   pass the quantizers now absorb.
 - "dot_scaled" (Blackwell, capability >= 10): the packed codes and E4M3 scales go straight to
-  ``tl.dot_scaled``. It has not run anywhere (no Blackwell GPU here; Triton 3.6 does not compile
-  it for sm_90 and its interpreter does not implement dot_scaled); tests/test_kernels_gpu.py
-  checks it against the reference on a capability-10 GPU, after which the ops can use it there.
+  ``tl.dot_scaled``. No Blackwell GPU is at hand, so it is tested where it can be: compiled for
+  sm_100 on the CPU, where Triton lowers it to the NVFP4 tensor-core MMA
+  (``tcgen05.mma ... kind::mxf4nvf4.block_scale``), and run under the interpreter, which has no
+  dot_scaled, with the product taken on decoded unit values instead (``_nvfp4_dot``), so its
+  loads, masks and epilogue are checked against the reference. tests/test_kernels_gpu.py runs it
+  on a capability-10 GPU; the ops can use it there once that passes.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from quartet_compile.kernels.quantize import unit_tile
+from quartet_compile.kernels.quantize import INTERPRETED, scaled_units, unit_tile
 
 
 @triton.jit
@@ -58,9 +61,9 @@ def _fused_gemm_kernel(
         a = unit_tile(a_codes, a_scales, rm, kb * BLOCK_K, M, K, BLOCK_K)
         b = unit_tile(b_codes, b_scales, rn, kb * BLOCK_K, N, K, BLOCK_K)
         if DOT_F32:
-            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
         else:
-            acc = tl.dot(a.to(tl.bfloat16), tl.trans(b.to(tl.bfloat16)), acc)
+            acc = tl.dot(a, tl.trans(b), acc)
     acc = acc * (tl.load(a_ts) * tl.load(b_ts))
     cn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     mask = (rm < M) & (cn < N)
@@ -72,22 +75,38 @@ def _dot_scaled_kernel(
     a_codes, a_scales, a_ts, b_codes, b_scales, b_ts, out_ptr, M, N, K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Blackwell: native NVFP4 MMA (E2M1 operands, E4M3 scales per 16). Never run (see top)."""
+    """Blackwell: native NVFP4 MMA (E2M1 operands, E4M3 scales per 16); see the module docstring
+    for where it has run."""
     rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
     rn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
-    byte = tl.arange(0, BLOCK_K // 2)[None, :]
-    grp = tl.arange(0, BLOCK_K // 16)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_codes + rm * (K // 2) + k0 // 2 + byte, mask=rm < M, other=0)
-        b = tl.load(b_codes + rn * (K // 2) + k0 // 2 + byte, mask=rn < N, other=0)
-        sa = tl.load(a_scales + rm * (K // 16) + k0 // 16 + grp, mask=rm < M, other=0.0)
-        sb = tl.load(b_scales + rn * (K // 16) + k0 // 16 + grp, mask=rn < N, other=0.0)
-        acc = tl.dot_scaled(a, sa, "e2m1", tl.trans(b), sb, "e2m1", acc)
+        byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :]
+        grp = k0 // 16 + tl.arange(0, BLOCK_K // 16)[None, :]
+        in_a, in_b = (rm < M) & (byte < K // 2), (rn < N) & (byte < K // 2)
+        a = tl.load(a_codes + rm * (K // 2) + byte, mask=in_a, other=0)
+        b = tl.load(b_codes + rn * (K // 2) + byte, mask=in_b, other=0)
+        # A zero code times any scale is zero: masked scales only need to be finite.
+        sa = tl.load(a_scales + rm * (K // 16) + grp, mask=(rm < M) & (grp < K // 16), other=0.0)
+        sb = tl.load(b_scales + rn * (K // 16) + grp, mask=(rn < N) & (grp < K // 16), other=0.0)
+        acc = _nvfp4_dot(a, sa, b, sb, acc)
     acc = acc * (tl.load(a_ts) * tl.load(b_ts))
     cn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     mask = (rm < M) & (cn < N)
     tl.store(out_ptr + rm.to(tl.int64) * N + cn, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _nvfp4_dot(a, sa, b, sb, acc):
+    """acc + deq(a) @ deq(b).T for packed [M, K / 2] and [N, K / 2] codes with E4M3 scales: the
+    NVFP4 MMA on the GPU; in the interpreter (no dot_scaled) the same exact products of decoded
+    unit values, in float32."""
+    if INTERPRETED:
+        a = scaled_units(a, sa).to(tl.float32)
+        b = scaled_units(b, sb).to(tl.float32)
+        return tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+    else:
+        return tl.dot_scaled(a, sa, "e2m1", tl.trans(b), sb, "e2m1", acc)
 
 
 def gemm_units(
@@ -127,15 +146,17 @@ def gemm_nvfp4(
     b_codes, b_scales = b_codes.contiguous(), b_scales.contiguous()
     on_cuda = a_codes.is_cuda
     if design == "dot_scaled":
-        if not on_cuda or torch.cuda.get_device_capability(a_codes.device)[0] < 10:
+        if on_cuda and torch.cuda.get_device_capability(a_codes.device)[0] < 10:
             raise ValueError(
                 'GEMM design "dot_scaled" needs a Blackwell GPU (capability >= 10); use "fused"'
             )
         out = torch.empty((M, N), dtype=out_dtype, device=a_codes.device)
-        grid = (triton.cdiv(M, 128), triton.cdiv(N, 128))
+        block_m, block_n, block_k = (128, 128, 128) if on_cuda else (32, 32, 64)
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
         wrap_triton(_dot_scaled_kernel)[grid](
-            a_codes, a_scales, a_ts, b_codes, b_scales, b_ts, out, M, N, K, 128, 128, 128
-        )
+            a_codes, a_scales, a_ts, b_codes, b_scales, b_ts, out, M, N, K,
+            block_m, block_n, block_k,
+        )  # fmt: skip
         return out
     if design != "fused":
         raise ValueError(f"unknown GEMM design {design!r}")

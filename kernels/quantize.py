@@ -54,15 +54,20 @@ def reciprocal(x):
 
 
 @triton.jit
-def e2m1_round(u):
+def e2m1_round(u, BELOW_8: tl.constexpr = False):
     """|RTN(u)| to E2M1 as a float32: midpoint ties to the even index, saturating at 6.
 
     The E2M1 spacing is 0.5 below 2, 1 below 4 and 2 above: adding and subtracting 2^22 times
     the binade of clamp(|u|, 1, 4), the float32 number whose own spacing that is, rounds to it
-    (ties to even). NaN stays NaN.
+    (ties to even). NaN stays NaN. BELOW_8: the caller guarantees |u| < 8 or NaN (MS-EDEN's
+    values are at most its FP4 maximum), so [4, 8) is already one binade and the upper clamp
+    goes (one instruction of ~31 per element in the EDEN pass).
     """
     a = tl.abs(u)
-    clamped = tl.minimum(tl.maximum(a, 1.0), 4.0).to(tl.int32, bitcast=True)
+    clamped = tl.maximum(a, 1.0)
+    if not BELOW_8:
+        clamped = tl.minimum(clamped, 4.0)
+    clamped = clamped.to(tl.int32, bitcast=True)
     magic = (clamped & 0x7F800000).to(tl.float32, bitcast=True) * 4194304.0
     return tl.minimum((a + magic) - magic, 6.0, propagate_nan=tl.PropagateNan.ALL)
 
@@ -108,16 +113,35 @@ def unpack_nibbles(packed):
 
 @triton.jit
 def unit_tile(codes_ptr, scales_ptr, row, k0, rows, K, BLOCK_K: tl.constexpr):
-    """Float32 unit values e2m1 * e4m3 (exact in bf16) of a [rows, K] triple's rows ``row``
-    ([B, 1]) and columns k0 + [0, BLOCK_K); zero outside the tensor."""
+    """Unit values e2m1 * e4m3 (float16, exact) of a [rows, K] triple's rows ``row`` ([B, 1]) and
+    columns k0 + [0, BLOCK_K); zero outside the tensor."""
     byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :]
     grp = k0 // 16 + tl.arange(0, BLOCK_K // 16)[None, :]
     row64 = row.to(tl.int64)
     packed = tl.load(codes_ptr + row64 * (K // 2) + byte, mask=(row < rows) & (byte < K // 2))
-    scale = tl.load(scales_ptr + row64 * (K // 16) + grp, mask=(row < rows) & (grp < K // 16))
-    scale = tl.where((row < rows) & (grp < K // 16), scale.to(tl.float32), 0.0)
-    values = tl.reshape(e2m1_value(unpack_nibbles(packed)), (row.shape[0], BLOCK_K // 16, 16))
-    return tl.reshape(values * scale[:, :, None], (row.shape[0], BLOCK_K))
+    in_groups = (row < rows) & (grp < K // 16)
+    scale = tl.load(scales_ptr + row64 * (K // 16) + grp, mask=in_groups, other=0.0)
+    return scaled_units(packed, scale)
+
+
+@triton.jit
+def scaled_units(packed, scale):
+    """Float16 unit values of [rows, n / 2] packed codes and their [rows, n / 16] E4M3 scales.
+
+    Exact: e2m1 * e4m3 has at most 6 significant bits and lies in [2^-10, 2688]. The E2M1 values
+    are built as e2m1_value builds them, times 2^-14 (fp16 subnormals for 0.5 and below); the
+    product with the scale keeps every bit (multiples of 2^-24, the fp16 subnormal step), and the
+    2^14 comes back last. Two elements per fp16x2 instruction, no float32 round trip.
+    """
+    rows: tl.constexpr = packed.shape[0]
+    n: tl.constexpr = packed.shape[1] * 2
+    x = packed.to(tl.int32) * 4097
+    word = ((x << 9) & 0x0E000E00) | ((x << 12) & -0x7FFF8000)
+    lo = word.to(tl.int16)
+    hi = (word >> 16).to(tl.int16)
+    tiny = tl.reshape(tl.join(lo, hi), (rows, n)).to(tl.float16, bitcast=True)
+    values = tl.reshape(tiny, (rows, n // 16, 16)) * scale.to(tl.float16)[:, :, None]
+    return tl.reshape(values * 16384.0, (rows, n))
 
 
 @triton.jit
@@ -162,6 +186,20 @@ def e4m3_rne(x):
     odd = (lo.to(tl.int32) & 1) == 1
     up = (steps - lo > 0.5) | ((steps - lo == 0.5) & odd)
     return tl.where(up, lo + 1.0, lo) * ulp
+
+
+@triton.jit
+def bf16_rne(x):
+    """x rounded to nearest-even bfloat16, returned as float32 (so casting it to bf16 is exact).
+
+    The interpreter's float32 -> bfloat16 cast truncates, so there it is done on the bits.
+    """
+    if INTERPRETED:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.bfloat16).to(tl.float32)
 
 
 @triton.jit
@@ -226,17 +264,20 @@ def _quantize_rtn_kernel(
     units_ptr,
     rows,
     cols,
-    stride_x,
     FOUR_OVER_SIX: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    # x is contiguous and cols % 16 == 0 (checked by the launcher), written so the compiler knows
+    # it too: in a graph compiled with symbolic sizes Triton is not told (tl.multiple_of does not
+    # take on an argument), and would load x one bf16 at a time.
+    cols = (cols // 16) * 16
     row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     # Each group is loaded as two 16-byte halves into the same thread: one thread per group, so
     # the group's max, scales and error sums need no shuffles and are computed once.
     grp = (tl.program_id(1) * (BLOCK_C // 16) + tl.arange(0, BLOCK_C // 16))[None, :, None]
     first_half = grp * 16 + tl.arange(0, 8)[None, None, :]
-    ptrs = x_ptr + row[:, :, None].to(tl.int64) * stride_x + first_half
+    ptrs = x_ptr + row[:, :, None].to(tl.int64) * cols + first_half
     in_groups = (row[:, :, None] < rows) & (grp < cols // 16)
     halves = tl.join(
         tl.load(ptrs, mask=in_groups, other=0.0), tl.load(ptrs + 8, mask=in_groups, other=0.0)
@@ -295,7 +336,7 @@ def quantize_rtn(
     block_r, block_c, warps = TILE
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     wrap_triton(_quantize_rtn_kernel)[grid](
-        x, ts, codes, scales, units, rows, cols, x.stride(0), four_over_six, block_r, block_c,
+        x, ts, codes, scales, units, rows, cols, four_over_six, block_r, block_c,
         num_warps=warps,
     )  # fmt: skip
     return codes, scales, ts, units

@@ -7,7 +7,7 @@ accumulation: every product is exact) and scales by 1/sqrt(128) in float32. That
 once per call by a one-program kernel and loaded by every program (cheaper than rebuilding it).
 
 MS-EDEN needs the largest corrected scale before any E4M3 scale exists, so it runs in two passes:
-the data pass writes codes, float32 corrected scales and one partial max per program; a torch
+the data pass writes codes, bfloat16 corrected scales and one partial max per program; a torch
 ``amax`` over the partials gives the tensor scale; the scale pass rounds every scale
 stochastically (nvfp4.seeded_uniform's draw for the scale's row-major index, as in
 nvfp4.rht_quantize) and writes the unit values (codes times stored scales, bf16) that the GEMM
@@ -24,6 +24,7 @@ from torch.library import wrap_triton
 
 from quartet_compile import nvfp4
 from quartet_compile.kernels.quantize import (
+    bf16_rne,
     check_quantizable,
     clamp_max,
     divide,
@@ -38,8 +39,8 @@ from quartet_compile.kernels.quantize import (
     philox_uniform4,
     product,
     reciprocal,
+    scaled_units,
     unit_tile,
-    unpack_nibbles,
 )
 
 BLOCK: tl.constexpr = tl.constexpr(nvfp4.HADAMARD_BLOCK)
@@ -58,7 +59,7 @@ _MIX_OF_SOURCE = {
     torch.bfloat16: "bf16",
     torch.float16: "fp16",
     torch.float32: "bf16x3",
-    torch.uint8: "bf16",
+    torch.uint8: "fp16",
 }
 _MIX_DTYPE = {
     "bf16": torch.bfloat16,
@@ -97,7 +98,7 @@ def _rotated_tile(
 
     Logical input X'[r, k] = src[r * stride_r + k * stride_k], zero beyond ``rows``/``red``.
     With FROM_NVFP4, X'[r, k] = deq(triple)[k, r]: the triple's rows are loaded as they lie
-    (coalesced) and transposed in registers; the unit values e2m1 * e4m3 are exact in bf16, so
+    (coalesced) and transposed in registers; the unit values e2m1 * e4m3 are exact in fp16, so
     the tensor scale is applied after the mix.
     """
     row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
@@ -106,12 +107,24 @@ def _rotated_tile(
         k_rows = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[:, None]
         units = unit_tile(src_ptr, src_scales_ptr, k_rows, tl.program_id(0) * BLOCK_R, red, rows,
                           BLOCK_R)  # fmt: skip
-        acc = _mix(tl.trans(units), h_ptr, MIX) * tl.load(src_ts_ptr)
+        acc = _mix(tl.trans(units), h_ptr, MIX)
+        # One product for both factors: the same float32 as two when the tensor scale is a
+        # power of two.
+        scale = INV_SQRT_BLOCK * tl.load(src_ts_ptr)
     else:
         offs = row.to(tl.int64) * stride_r + kk.to(tl.int64) * stride_k
         x = tl.load(src_ptr + offs, mask=(row < rows) & (kk < red), other=0.0)
         acc = _mix(x, h_ptr, MIX)
-    return _unpermute(acc, BLOCK_R) * INV_SQRT_BLOCK
+        scale = INV_SQRT_BLOCK
+    return _unpermute(acc, BLOCK_R) * scale
+
+
+@triton.jit
+def _aligned(padded):
+    """The padded reduction length, written so the compiler knows it is a multiple of 128: in a
+    graph compiled with symbolic sizes Triton is not told (tl.multiple_of does not take on an
+    argument), and every row of codes, scales and units would be stored byte by byte."""
+    return (padded // BLOCK) * BLOCK
 
 
 @triton.jit
@@ -136,7 +149,9 @@ def _eden_data_kernel(
     rows, red, stride_r, stride_k, padded,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """nvfp4.eden_codes_and_scales on one rotated tile: codes, corrected scales, partial max."""
+    """nvfp4.eden_codes_and_scales on one rotated tile: codes, corrected scales (rounded to the
+    bf16 scratch), partial max."""
+    padded = _aligned(padded)
     v = _rotated_tile(
         src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, rows, red, stride_r, stride_k,
         FROM_NVFP4, MIX, BLOCK_R,
@@ -144,15 +159,15 @@ def _eden_data_kernel(
     g = tl.reshape(v, (BLOCK_R, BLOCK // 16, 16))
     s = group_absmax(g) * INV_EDEN_FP4_MAX
     u = g * reciprocal(s)
-    magnitude = e2m1_round(u)
+    magnitude = e2m1_round(u, BELOW_8=True)
     codes = e2m1_code(u, magnitude)
     uc = pairwise_sum16(product(tl.abs(u), magnitude))
     uu = pairwise_sum16(product(u, u))
-    corrected = s * tl.where(uc != 0, divide(uu, uc), 1.0)
+    corrected = bf16_rne(s * tl.where(uc != 0, divide(uu, uc), 1.0))
     _store_tile(codes_ptr, pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK))), rows, padded // 2,
                 BLOCK_R)  # fmt: skip
-    _store_tile(corrected_ptr, tl.reshape(corrected, (BLOCK_R, BLOCK // 16)), rows, padded // 16,
-                BLOCK_R)  # fmt: skip
+    scratch = tl.reshape(corrected, (BLOCK_R, BLOCK // 16)).to(tl.bfloat16)
+    _store_tile(corrected_ptr, scratch, rows, padded // 16, BLOCK_R)
     _store_partial_max(partial_ptr, corrected)
 
 
@@ -164,23 +179,27 @@ def _eden_scales_kernel(
     """Stored E4M3 scale = SR(S / tensor_scale), 1 for an all-zero group, for BLOCK_R rows x one
     128-column block; then the block's unit values, codes times the stored scales (the GEMM's
     operand: this pass is the only one that knows both)."""
-    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    padded = _aligned(padded)
+    pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+    row = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    row64 = row.to(tl.int64)
     in_rows = row < rows
     groups = padded // 16
-    grp = tl.program_id(1) * (BLOCK // 16) + tl.arange(0, BLOCK // 16)[None, :]
-    corrected = tl.load(corrected_ptr + row.to(tl.int64) * groups + grp, mask=in_rows, other=0.0)
+    grp = pid_c * (BLOCK // 16) + tl.arange(0, BLOCK // 16)[None, :]
+    corrected = tl.load(corrected_ptr + row64 * groups + grp, mask=in_rows, other=0.0)
+    corrected = corrected.to(tl.float32)
     # The draw of the scale at row-major index i is word i % 4 of Philox counter i // 4.
-    quad = tl.program_id(1) * (BLOCK // 64) + tl.arange(0, BLOCK // 64)[None, :]
+    quad = pid_c * (BLOCK // 64) + tl.arange(0, BLOCK // 64)[None, :]
     uniform = philox_uniform4(tl.load(seed_ptr), row * (groups // 4) + quad)
     uniform = tl.reshape(uniform, (BLOCK_R, BLOCK // 16))
     stored = e4m3_stochastic(divide(corrected, tl.load(ts_ptr)), uniform)
-    stored = tl.where(corrected == 0, 1.0, stored)
-    tl.store(scales_ptr + row.to(tl.int64) * groups + grp, stored.to(tl.float8e4nv), mask=in_rows)
-    byte = tl.program_id(1) * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
-    packed = tl.load(codes_ptr + row.to(tl.int64) * (padded // 2) + byte, mask=in_rows)
-    values = tl.reshape(e2m1_value(unpack_nibbles(packed)), (BLOCK_R, BLOCK // 16, 16))
-    units = tl.reshape(values * stored[:, :, None], (BLOCK_R, BLOCK))
-    _store_tile(units_ptr, units.to(tl.bfloat16), rows, padded, BLOCK_R)
+    stored = tl.where(corrected == 0, 1.0, stored).to(tl.float8e4nv)
+    tl.store(scales_ptr + row64 * groups + grp, stored, mask=in_rows)
+    byte = pid_c * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
+    packed = tl.load(codes_ptr + row64 * (padded // 2) + byte, mask=in_rows)
+    col = pid_c * BLOCK + tl.arange(0, BLOCK)[None, :]
+    units = scaled_units(packed, stored).to(tl.bfloat16)
+    tl.store(units_ptr + row64 * padded + col, units, mask=in_rows)
 
 
 @triton.jit
@@ -204,6 +223,7 @@ def _sr_kernel(
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """nvfp4.sr_quantize on one rotated tile: ceil-E4M3 scales, element-wise SR to E2M1."""
+    padded = _aligned(padded)
     v = _rotated_tile(
         src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, rows, red, stride_r, stride_k,
         FROM_NVFP4, MIX, BLOCK_R,
@@ -307,7 +327,7 @@ def _quantize_rotated(
     consts = dict(FROM_NVFP4=from_nvfp4, MIX=mix, BLOCK_R=block_r, num_warps=warps)
     units = torch.empty((rows, padded), dtype=torch.bfloat16, device=device)
     if method == "eden":
-        corrected = torch.empty(scales.shape, dtype=torch.float32, device=device)
+        corrected = torch.empty(scales.shape, dtype=torch.bfloat16, device=device)
         wrap_triton(_eden_data_kernel)[grid](
             *source, codes, corrected, partial, *shape, padded, **consts
         )

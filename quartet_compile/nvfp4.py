@@ -259,6 +259,18 @@ def _safe_tensor_scale(amax: torch.Tensor, divisor: float) -> torch.Tensor:
     return torch.where(torch.isfinite(amax), scale, torch.full_like(amax, float("nan")))
 
 
+def round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
+    """float32 x rounded to the nearest bfloat16 (ties to even), still as float32.
+
+    On the bits rather than ``x.to(bfloat16).to(float32)``: Inductor drops such a cast pair
+    inside a fused kernel (it does not emulate intermediate precision), and the compiled
+    reference would then differ from the eager one.
+    """
+    bits = x.to(torch.float32).view(torch.int32)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000
+    return bits.view(torch.float32)
+
+
 def _reciprocal(real: torch.Tensor) -> torch.Tensor:
     """1 / real per group (IEEE), 0 where real is not > 0 (a zero or NaN scale).
 
@@ -403,6 +415,9 @@ def ms_eden(v: torch.Tensor, uniform: torch.Tensor) -> NVFP4Tensor:
     check_floating(v, "v")
     check_2d_multiple(v, GROUP, "v")
     codes, corrected = eden_codes_and_scales(v)
+    # Kept in bfloat16 between the passes (SPEC 4.3 allows FP32 or BF16 scratch): half the
+    # scratch traffic; the expected stored scale moves by at most 2^-9 relative.
+    corrected = round_to_bfloat16(corrected)
     ts = _safe_tensor_scale(corrected.amax(), EDEN_FP8_MAX)
     stored = e4m3_stochastic(corrected / ts, uniform.unsqueeze(-1))
     stored = torch.where(corrected == 0, 1.0, stored.to(torch.float32)).to(torch.float8_e4m3fn)

@@ -185,6 +185,13 @@ def test_gemm_on_triples_matches_reference(design):
     assert out.dtype == torch.bfloat16 and ((out.float() - ref).norm() / ref.norm()) < 4e-3
 
 
+@pytest.mark.skipif(_blackwell(), reason="checks the refusal on GPUs before Blackwell")
+def test_dot_scaled_is_refused_before_blackwell():
+    a, b, _ = _gemm_operands()
+    with pytest.raises(ValueError, match=r"needs a Blackwell GPU \(capability >= 10\)"):
+        gemm.gemm_nvfp4(*a, *b, torch.bfloat16, design="dot_scaled")
+
+
 # ------------------------------------------------------------------------------ torch.compile
 
 
