@@ -123,6 +123,12 @@ def tile_sweep(t: int, k: int) -> list[list[str]]:
         rht_eden.SCALE_ROWS = scale_rows
         rows.append(["eden scale + units pass", f"rows {scale_rows}", _us(cases["x"])])
     rht_eden.SCALE_ROWS = default
+    default = rht_eden.SCALE_COLS_FASTEST
+    for cols_fastest in (False, True):
+        rht_eden.SCALE_COLS_FASTEST = cols_fastest
+        order = "column blocks fastest" if cols_fastest else "row tiles fastest"
+        rows.append(["eden scale + units pass", order, _us(cases["x"])])
+    rht_eden.SCALE_COLS_FASTEST = default
     for key, fn in cases.items():
         default = rht_eden.TILES[key]
         for tile in [(64, 8), (64, 4), (128, 8)]:

@@ -52,8 +52,10 @@ INV_E2M1_MAX: tl.constexpr = tl.constexpr(1.0 / nvfp4.E2M1_MAX)
 # registers); the fastest of the sweep in benchmarks/kernels.py (168 / 190 us against 179 / 218
 # us for 8 warps at 16384x4096).
 TILES = {"x": (64, 4), "nvfp4": (64, 4)}
-# Rows per program of the EDEN scale pass (x one 128-column block).
+# Rows per program of the EDEN scale pass (x one 128-column block), and its launch order (its
+# outputs are row-major: consecutive programs write consecutive blocks of the same rows).
 SCALE_ROWS = 32
+SCALE_COLS_FASTEST = True
 # Tensor-core operand type that holds each source's values exactly (uint8 = NVFP4 unit values).
 _MIX_OF_SOURCE = {
     torch.bfloat16: "bf16",
@@ -93,6 +95,7 @@ def _mix(x, h_ptr, MIX: tl.constexpr):
 def _rotated_tile(
     src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, rows, red, stride_r, stride_k,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
+    COLS_FASTEST: tl.constexpr,
 ):  # fmt: skip
     """[BLOCK_R, 128] float32 rotated values of this program's rows and reduction block.
 
@@ -101,11 +104,12 @@ def _rotated_tile(
     (coalesced) and transposed in registers; the unit values e2m1 * e4m3 are exact in fp16, so
     the tensor scale is applied after the mix.
     """
-    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
-    kk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+    pid_r, pid_c = _tile(COLS_FASTEST)
+    row = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    kk = pid_c * BLOCK + tl.arange(0, BLOCK)[None, :]
     if FROM_NVFP4:
-        k_rows = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[:, None]
-        units = unit_tile(src_ptr, src_scales_ptr, k_rows, tl.program_id(0) * BLOCK_R, red, rows,
+        k_rows = (pid_c * BLOCK + tl.arange(0, BLOCK))[:, None]
+        units = unit_tile(src_ptr, src_scales_ptr, k_rows, pid_r * BLOCK_R, red, rows,
                           BLOCK_R)  # fmt: skip
         acc = _mix(tl.trans(units), h_ptr, MIX)
         # One product for both factors: the same float32 as two when the tensor scale is a
@@ -120,6 +124,17 @@ def _rotated_tile(
 
 
 @triton.jit
+def _tile(COLS_FASTEST: tl.constexpr):
+    """(row tile, column block) of this program. The launch grid is (column blocks, row tiles)
+    with COLS_FASTEST, so that programs launched together cover consecutive addresses of
+    row-major data, else (row tiles, column blocks) for data read down its columns."""
+    if COLS_FASTEST:
+        return tl.program_id(1), tl.program_id(0)
+    else:
+        return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
 def _aligned(padded):
     """The padded reduction length, written so the compiler knows it is a multiple of 128: in a
     graph compiled with symbolic sizes Triton is not told (tl.multiple_of does not take on an
@@ -128,10 +143,11 @@ def _aligned(padded):
 
 
 @triton.jit
-def _store_tile(ptr, values, rows, row_stride, BLOCK_R: tl.constexpr):
-    """Store [BLOCK_R, n] at this program's rows, columns program_id(1) * n + [0, n)."""
-    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
-    col = tl.program_id(1) * values.shape[1] + tl.arange(0, values.shape[1])[None, :]
+def _store_tile(ptr, values, rows, row_stride, BLOCK_R: tl.constexpr, COLS_FASTEST: tl.constexpr):
+    """Store [BLOCK_R, n] at this program's rows, columns (column block) * n + [0, n)."""
+    pid_r, pid_c = _tile(COLS_FASTEST)
+    row = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    col = pid_c * values.shape[1] + tl.arange(0, values.shape[1])[None, :]
     tl.store(ptr + row.to(tl.int64) * row_stride + col, values, mask=row < rows)
 
 
@@ -148,13 +164,14 @@ def _eden_data_kernel(
     src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, codes_ptr, corrected_ptr, partial_ptr,
     rows, red, stride_r, stride_k, padded,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
+    COLS_FASTEST: tl.constexpr,
 ):  # fmt: skip
     """nvfp4.eden_codes_and_scales on one rotated tile: codes, corrected scales (rounded to the
     bf16 scratch), partial max."""
     padded = _aligned(padded)
     v = _rotated_tile(
         src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, rows, red, stride_r, stride_k,
-        FROM_NVFP4, MIX, BLOCK_R,
+        FROM_NVFP4, MIX, BLOCK_R, COLS_FASTEST,
     )  # fmt: skip
     g = tl.reshape(v, (BLOCK_R, BLOCK // 16, 16))
     s = group_absmax(g) * INV_EDEN_FP4_MAX
@@ -165,22 +182,22 @@ def _eden_data_kernel(
     uu = pairwise_sum16(product(u, u))
     corrected = bf16_rne(s * tl.where(uc != 0, divide(uu, uc), 1.0))
     _store_tile(codes_ptr, pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK))), rows, padded // 2,
-                BLOCK_R)  # fmt: skip
+                BLOCK_R, COLS_FASTEST)  # fmt: skip
     scratch = tl.reshape(corrected, (BLOCK_R, BLOCK // 16)).to(tl.bfloat16)
-    _store_tile(corrected_ptr, scratch, rows, padded // 16, BLOCK_R)
+    _store_tile(corrected_ptr, scratch, rows, padded // 16, BLOCK_R, COLS_FASTEST)
     _store_partial_max(partial_ptr, corrected)
 
 
 @triton.jit
 def _eden_scales_kernel(
     corrected_ptr, codes_ptr, ts_ptr, seed_ptr, scales_ptr, units_ptr, rows, padded,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, COLS_FASTEST: tl.constexpr,
 ):  # fmt: skip
     """Stored E4M3 scale = SR(S / tensor_scale), 1 for an all-zero group, for BLOCK_R rows x one
     128-column block; then the block's unit values, codes times the stored scales (the GEMM's
     operand: this pass is the only one that knows both)."""
     padded = _aligned(padded)
-    pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+    pid_r, pid_c = _tile(COLS_FASTEST)
     row = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     row64 = row.to(tl.int64)
     in_rows = row < rows
@@ -207,11 +224,12 @@ def _absmax_kernel(
     src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, partial_ptr,
     rows, red, stride_r, stride_k,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
+    COLS_FASTEST: tl.constexpr,
 ):  # fmt: skip
     """max|v| of one rotated tile (the SR baseline's tensor amax, first pass)."""
     v = _rotated_tile(
         src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, rows, red, stride_r, stride_k,
-        FROM_NVFP4, MIX, BLOCK_R,
+        FROM_NVFP4, MIX, BLOCK_R, COLS_FASTEST,
     )  # fmt: skip
     _store_partial_max(partial_ptr, tl.reshape(tl.abs(v), (BLOCK_R, BLOCK, 1)))
 
@@ -221,12 +239,13 @@ def _sr_kernel(
     src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, ts_ptr, seed_ptr, codes_ptr,
     scales_ptr, units_ptr, rows, red, stride_r, stride_k, padded,
     FROM_NVFP4: tl.constexpr, MIX: tl.constexpr, BLOCK_R: tl.constexpr,
+    COLS_FASTEST: tl.constexpr,
 ):  # fmt: skip
     """nvfp4.sr_quantize on one rotated tile: ceil-E4M3 scales, element-wise SR to E2M1."""
     padded = _aligned(padded)
     v = _rotated_tile(
         src_ptr, src_scales_ptr, src_ts_ptr, h_ptr, rows, red, stride_r, stride_k,
-        FROM_NVFP4, MIX, BLOCK_R,
+        FROM_NVFP4, MIX, BLOCK_R, COLS_FASTEST,
     )  # fmt: skip
     g = tl.reshape(v, (BLOCK_R, BLOCK // 16, 16))
     ts = tl.load(ts_ptr)
@@ -242,18 +261,19 @@ def _sr_kernel(
     # The step to the next E2M1 value is 0.5, 1 or 2: multiplying by its inverse is exact.
     frac = (a - lo) * tl.where(lo_idx < 4, 2.0, tl.where(lo_idx < 6, 1.0, 0.5))
     # Offset row * padded + col draws from counter row * padded / 4 + col / 4.
-    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
-    quad = tl.program_id(1) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)[None, :]
+    pid_r, pid_c = _tile(COLS_FASTEST)
+    row = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    quad = pid_c * (BLOCK // 4) + tl.arange(0, BLOCK // 4)[None, :]
     uniform = philox_uniform4(tl.load(seed_ptr), row * (padded // 4) + quad)
     idx = lo_idx + (tl.reshape(uniform, (BLOCK_R, BLOCK // 16, 16)) < frac).to(tl.int32)
     codes = ((u < 0).to(tl.int32) << 3) | idx
     scale = tl.where(gmax == 0, 1.0, scale)
     units = tl.reshape(e2m1_value(codes) * scale, (BLOCK_R, BLOCK))
     _store_tile(codes_ptr, pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK))), rows, padded // 2,
-                BLOCK_R)  # fmt: skip
+                BLOCK_R, COLS_FASTEST)  # fmt: skip
     _store_tile(scales_ptr, tl.reshape(scale.to(tl.float8e4nv), (BLOCK_R, BLOCK // 16)), rows,
-                padded // 16, BLOCK_R)  # fmt: skip
-    _store_tile(units_ptr, units.to(tl.bfloat16), rows, padded, BLOCK_R)
+                padded // 16, BLOCK_R, COLS_FASTEST)  # fmt: skip
+    _store_tile(units_ptr, units.to(tl.bfloat16), rows, padded, BLOCK_R, COLS_FASTEST)
 
 
 @triton.jit
@@ -296,6 +316,11 @@ def _hadamard_kernel(h_ptr, signs_ptr, ROWS: tl.constexpr):
     tl.store(h_ptr + i * BLOCK + _mma_column(j), h)
 
 
+def _grid(row_tiles: int, col_blocks: int, cols_fastest: bool) -> tuple[int, int]:
+    """Launch grid of a tile kernel, in the order _tile reads it."""
+    return (col_blocks, row_tiles) if cols_fastest else (row_tiles, col_blocks)
+
+
 def _quantize_rotated(
     src: torch.Tensor,
     src_scales: torch.Tensor | None,
@@ -320,11 +345,16 @@ def _quantize_rotated(
     codes = torch.empty((rows, padded // 2), dtype=torch.uint8, device=device)
     scales = torch.empty((rows, padded // nvfp4.GROUP), dtype=torch.float8_e4m3fn, device=device)
     block_r, warps = TILES["nvfp4" if from_nvfp4 else "x"]
-    grid = (triton.cdiv(rows, block_r), padded // nvfp4.HADAMARD_BLOCK)
+    blocks = padded // nvfp4.HADAMARD_BLOCK
+    # Programs launched together read consecutive addresses: along the rows of x when the
+    # reduction dim is contiguous in memory, else down its columns (x.T, NVFP4 triples).
+    cols_fastest = not from_nvfp4 and strides[1] == 1
+    grid = _grid(triton.cdiv(rows, block_r), blocks, cols_fastest)
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=device)
     source = (src, src_scales, src_ts, h)
     shape = (rows, red, *strides)
-    consts = dict(FROM_NVFP4=from_nvfp4, MIX=mix, BLOCK_R=block_r, num_warps=warps)
+    consts = dict(FROM_NVFP4=from_nvfp4, MIX=mix, BLOCK_R=block_r, COLS_FASTEST=cols_fastest,
+                  num_warps=warps)  # fmt: skip
     units = torch.empty((rows, padded), dtype=torch.bfloat16, device=device)
     if method == "eden":
         corrected = torch.empty(scales.shape, dtype=torch.bfloat16, device=device)
@@ -332,9 +362,11 @@ def _quantize_rotated(
             *source, codes, corrected, partial, *shape, padded, **consts
         )
         ts = nvfp4._safe_tensor_scale(partial.amax(), nvfp4.EDEN_FP8_MAX)
-        wrap_triton(_eden_scales_kernel)[(triton.cdiv(rows, SCALE_ROWS), grid[1])](
-            corrected, codes, ts, seed, scales, units, rows, padded, SCALE_ROWS
-        )
+        scale_grid = _grid(triton.cdiv(rows, SCALE_ROWS), blocks, SCALE_COLS_FASTEST)
+        wrap_triton(_eden_scales_kernel)[scale_grid](
+            corrected, codes, ts, seed, scales, units, rows, padded, SCALE_ROWS,
+            SCALE_COLS_FASTEST,
+        )  # fmt: skip
     else:
         wrap_triton(_absmax_kernel)[grid](*source, partial, *shape, **consts)
         ts = nvfp4._safe_tensor_scale(partial.amax(), nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)

@@ -243,13 +243,13 @@ _SIZES = {
         dict(src_ptr="*bf16", src_scales_ptr="*bf16", src_ts_ptr="*fp32", h_ptr="*bf16",
              codes_ptr="*u8", corrected_ptr="*bf16", partial_ptr="*fp32", rows="i32",
              red="i32", stride_r="i32", padded="i32"),
-        dict(stride_k=1, FROM_NVFP4=False, MIX="bf16", BLOCK_R=64),
+        dict(stride_k=1, FROM_NVFP4=False, MIX="bf16", BLOCK_R=64, COLS_FASTEST=True),
         ("rows", "red", "padded"),
     ),
     "quartet_compile.kernels.rht_eden._eden_scales_kernel": (
         dict(corrected_ptr="*bf16", codes_ptr="*u8", ts_ptr="*fp32", seed_ptr="*i64",
              scales_ptr="*fp8e4nv", units_ptr="*bf16", rows="i32", padded="i32"),
-        dict(BLOCK_R=32),
+        dict(BLOCK_R=32, COLS_FASTEST=True),
         ("rows", "padded"),
     ),
 }  # fmt: skip
