@@ -104,14 +104,6 @@ def pack_nibbles(codes):
 
 
 @triton.jit
-def unpack_nibbles(packed):
-    """[rows, n / 2] bytes -> [rows, n] int32 codes."""
-    packed = packed.to(tl.int32)
-    both = tl.join(packed & 15, packed >> 4)
-    return tl.reshape(both, (packed.shape[0], packed.shape[1] * 2))
-
-
-@triton.jit
 def unit_tile(codes_ptr, scales_ptr, row, k0, rows, K, BLOCK_K: tl.constexpr):
     """Unit values e2m1 * e4m3 (float16, exact) of a [rows, K] triple's rows ``row`` ([B, 1]) and
     columns k0 + [0, BLOCK_K); zero outside the tensor."""
