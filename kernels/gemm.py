@@ -64,7 +64,7 @@ def _fused_gemm_kernel(
             acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, tl.trans(b), acc)
-    acc = acc * (tl.load(a_ts) * tl.load(b_ts))
+    acc = acc * tl.load(a_ts) * tl.load(b_ts)
     cn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     mask = (rm < M) & (cn < N)
     tl.store(out_ptr + rm.to(tl.int64) * N + cn, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -90,7 +90,7 @@ def _dot_scaled_kernel(
         sa = tl.load(a_scales + rm * (K // 16) + grp, mask=(rm < M) & (grp < K // 16), other=0.0)
         sb = tl.load(b_scales + rn * (K // 16) + grp, mask=(rn < N) & (grp < K // 16), other=0.0)
         acc = _nvfp4_dot(a, sa, b, sb, acc)
-    acc = acc * (tl.load(a_ts) * tl.load(b_ts))
+    acc = acc * tl.load(a_ts) * tl.load(b_ts)
     cn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
     mask = (rm < M) & (cn < N)
     tl.store(out_ptr + rm.to(tl.int64) * N + cn, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -118,12 +118,13 @@ def gemm_units(
 ) -> torch.Tensor:
     """deq(a) @ deq(b).T in ``out_dtype`` from the operands' bf16 unit values [M, K], [N, K]."""
     if out_dtype == torch.bfloat16:
-        # cuBLAS rounds its float32 accumulator to bf16 once; the tensor-scale product is a
+        # cuBLAS rounds its float32 accumulator to bf16 once; the tensor-scale products are a
         # pointwise op that Inductor fuses into the consumer (no float32 [M, N] round trip).
-        return (torch.mm(a_units, b_units.T).float() * (a_ts * b_ts)).to(out_dtype)
+        # One scale after the other, as nvfp4.gemm_units: their product could underflow.
+        return (torch.mm(a_units, b_units.T).float() * a_ts * b_ts).to(out_dtype)
     # CUDA only: there is no float32-out mm for bf16 on CPU.
     acc = torch.mm(a_units, b_units.T, out_dtype=torch.float32)
-    return (acc * (a_ts * b_ts)).to(out_dtype)
+    return (acc * a_ts * b_ts).to(out_dtype)
 
 
 def gemm_nvfp4(

@@ -24,6 +24,7 @@ from quartet_compile import nvfp4
 TILE = (4, 512, 4)
 # Triton decides when a kernel is decorated whether it runs in the interpreter; so does this.
 INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+MIN_NORMAL: tl.constexpr = tl.constexpr(nvfp4.MIN_NORMAL)
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -41,6 +42,27 @@ def group_absmax(g):
 
 
 @triton.jit
+def to_float32(x):
+    """x as float32. The interpreter's bfloat16 -> float32 conversion loses subnormal values
+    (3 * 2^-133 came back as 2^-127), so there it is done on the bits, exact for every value."""
+    if INTERPRETED:
+        if x.dtype == tl.bfloat16:
+            return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def to_bfloat16(x):
+    """float32 x that bfloat16 holds exactly, as bfloat16 (on the bits in the interpreter, whose
+    conversion mishandles subnormal values; see to_float32)."""
+    if INTERPRETED:
+        bits = (x.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16)
+        return bits.to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(tl.bfloat16)
+
+
+@triton.jit
 def divide(a, b):
     """IEEE a / b with broadcasting (Triton's ``/`` is an approximate division on CUDA)."""
     a, b = tl.broadcast(a, b)
@@ -49,8 +71,9 @@ def divide(a, b):
 
 @triton.jit
 def reciprocal(x):
-    """nvfp4._reciprocal: IEEE 1 / x once per group, 0 where x is not > 0."""
-    return tl.where(x > 0, tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), x), 0.0)
+    """nvfp4._reciprocal: IEEE 1 / x once per group; 0 where x is zero, NaN or below MIN_NORMAL
+    (an underflowed group: its codes become 0)."""
+    return tl.where(x >= MIN_NORMAL, tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), x), 0.0)
 
 
 @triton.jit
@@ -243,7 +266,7 @@ def _rtn_candidate(g, gmax, ts, TARGET: tl.constexpr):
     u = g * reciprocal(real)
     magnitude = e2m1_round(u)
     d = magnitude - tl.abs(u)
-    err = tl.where(real > 0, real * real * pairwise_sum16(d * d), float("inf"))
+    err = tl.where(real >= MIN_NORMAL, scale * scale * pairwise_sum16(d * d), float("inf"))
     return u, magnitude, scale, err
 
 
@@ -274,7 +297,7 @@ def _quantize_rtn_kernel(
     halves = tl.join(
         tl.load(ptrs, mask=in_groups, other=0.0), tl.load(ptrs + 8, mask=in_groups, other=0.0)
     )
-    g = tl.reshape(tl.permute(halves.to(tl.float32), (0, 1, 3, 2)), (BLOCK_R, BLOCK_C // 16, 16))
+    g = tl.reshape(tl.permute(to_float32(halves), (0, 1, 3, 2)), (BLOCK_R, BLOCK_C // 16, 16))
     ts = tl.load(ts_ptr)
     gmax = group_absmax(g)
     u, magnitude, scale, err = _rtn_candidate(g, gmax, ts, 6.0)

@@ -24,6 +24,7 @@ from torch.library import wrap_triton
 
 from quartet_compile import nvfp4
 from quartet_compile.kernels.quantize import (
+    MIN_NORMAL,
     bf16_rne,
     check_quantizable,
     clamp_max,
@@ -40,6 +41,8 @@ from quartet_compile.kernels.quantize import (
     product,
     reciprocal,
     scaled_units,
+    to_bfloat16,
+    to_float32,
     unit_tile,
 )
 
@@ -81,7 +84,7 @@ def _mix(x, h_ptr, MIX: tl.constexpr):
     """
     h = tl.load(h_ptr + tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :])
     if MIX == "f32":
-        return tl.dot(x.to(tl.float32), h, input_precision="ieee")
+        return tl.dot(to_float32(x), h, input_precision="ieee")
     elif MIX == "bf16x3":
         hi = x.to(tl.bfloat16)
         mid = (x - hi.to(tl.float32)).to(tl.bfloat16)
@@ -180,10 +183,12 @@ def _eden_data_kernel(
     codes = e2m1_code(u, magnitude)
     uc = pairwise_sum16(product(tl.abs(u), magnitude))
     uu = pairwise_sum16(product(u, u))
-    corrected = bf16_rne(s * tl.where(uc != 0, divide(uu, uc), 1.0))
+    corrected = s * tl.where(uc != 0, divide(uu, uc), 1.0)
+    # An underflowed group is a zero group ("s <" keeps a NaN s NaN), as in the reference.
+    corrected = bf16_rne(tl.where(s < MIN_NORMAL, 0.0, corrected))
     _store_tile(codes_ptr, pack_nibbles(tl.reshape(codes, (BLOCK_R, BLOCK))), rows, padded // 2,
                 BLOCK_R, COLS_FASTEST)  # fmt: skip
-    scratch = tl.reshape(corrected, (BLOCK_R, BLOCK // 16)).to(tl.bfloat16)
+    scratch = to_bfloat16(tl.reshape(corrected, (BLOCK_R, BLOCK // 16)))
     _store_tile(corrected_ptr, scratch, rows, padded // 16, BLOCK_R, COLS_FASTEST)
     _store_partial_max(partial_ptr, corrected)
 
@@ -204,7 +209,7 @@ def _eden_scales_kernel(
     groups = padded // 16
     grp = pid_c * (BLOCK // 16) + tl.arange(0, BLOCK // 16)[None, :]
     corrected = tl.load(corrected_ptr + row64 * groups + grp, mask=in_rows, other=0.0)
-    corrected = corrected.to(tl.float32)
+    corrected = to_float32(corrected)
     # The draw of the scale at row-major index i is word i % 4 of Philox counter i // 4.
     quad = pid_c * (BLOCK // 64) + tl.arange(0, BLOCK // 64)[None, :]
     uniform = philox_uniform4(tl.load(seed_ptr), row * (groups // 4) + quad)
@@ -252,7 +257,7 @@ def _sr_kernel(
     gmax = group_absmax(g)
     scale = e4m3_ceil(divide(gmax * INV_E2M1_MAX, ts))
     real = scale * ts
-    u = tl.where(real > 0, g * reciprocal(real), 0.0)
+    u = g * reciprocal(real)
     u = tl.where(u < -6.0, -6.0, clamp_max(u, 6.0))
     a = tl.abs(u)
     lo_idx = (a >= 0.5).to(tl.int32) + (a >= 1.0).to(tl.int32) + (a >= 1.5).to(tl.int32)

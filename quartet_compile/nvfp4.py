@@ -32,6 +32,10 @@ EDEN_FP8_MAX = 256.0
 # only the product form gives one bit pattern on every device and in the kernels. (The 0-d tensor
 # scale keeps its division: kernels compute it with this module's torch code on their device.)
 INV_SQRT_BLOCK = 1.0 / math.sqrt(HADAMARD_BLOCK)
+# FP32's smallest normal number. A group scale below it is an underflowed group (SPEC 1): its
+# reciprocal may overflow to inf (and 0 * inf is NaN), and GPUs flush such values to zero, so
+# the group is quantized to zero, decided on the same float32 value here and in the kernels.
+MIN_NORMAL = 2.0**-126
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Midpoints between neighbouring magnitudes, and whether a tie there rounds up: ties go to the
@@ -272,12 +276,13 @@ def round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
 
 
 def _reciprocal(real: torch.Tensor) -> torch.Tensor:
-    """1 / real per group (IEEE), 0 where real is not > 0 (a zero or NaN scale).
+    """1 / real per group (IEEE); 0 for a zero, NaN or underflowed (below MIN_NORMAL) scale, so
+    that group's codes are 0 (NaN elements stay NaN: NaN * 0 is NaN).
 
     Each group's elements are multiplied by it rather than divided by ``real``: one division per
     group instead of sixteen, as in the kernels (docs/numerics.md).
     """
-    return torch.where(real > 0, real.reciprocal(), 0.0)
+    return torch.where(real >= MIN_NORMAL, real.reciprocal(), 0.0)
 
 
 def _pack(codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor) -> NVFP4Tensor:
@@ -293,16 +298,19 @@ def _pack(codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor)
 def rtn_candidate(
     g: torch.Tensor, gmax: torch.Tensor, ts: torch.Tensor, target: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes, E4M3 scales and squared error of one scale choice (group max lands on target)."""
-    scale = e4m3_rne(gmax * (1.0 / target) / ts)
-    real = scale.to(torch.float32) * ts
+    """Codes, E4M3 scales and squared error of one scale choice (group max lands on target).
+
+    The error is in units of the tensor scale squared (the same for every candidate), so it
+    cannot underflow for tiny tensors; a scale that is zero or underflows (``_reciprocal``)
+    makes it +inf, a candidate no other should lose to.
+    """
+    scale = e4m3_rne(gmax * (1.0 / target) / ts).to(torch.float32)
+    real = scale * ts
     u = g * _reciprocal(real)
     codes = e2m1_encode(u)
-    # Squared error in units of the scale, times real^2; +inf for a zero scale, which no other
-    # candidate should lose to.
     d = e2m1_decode(codes & 7) - u.abs()
-    err = torch.where(real > 0, real * real * pairwise_sum(d * d), float("inf"))
-    return codes, scale, err
+    err = torch.where(real >= MIN_NORMAL, scale * scale * pairwise_sum(d * d), float("inf"))
+    return codes, scale.to(torch.float8_e4m3fn), err
 
 
 def quantize_rtn(
@@ -392,8 +400,9 @@ def unrotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
 def eden_codes_and_scales(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """RTN codes of each 16-group at scale max|g| / fp4_max, and the EDEN-corrected real scales.
 
-    The correction k = <u,u>/<u,c> makes <v_g, S_g * c> == |v_g|^2 (the EDEN identity). Returns
-    codes [rows, groups, 16] (uint8, unpacked) and scales S [rows, groups, 1] (float32).
+    The correction k = <u,u>/<u,c> makes <v_g, S_g * c> == |v_g|^2 (the EDEN identity). A group
+    whose s underflows (below MIN_NORMAL) is a zero group: codes 0, S 0. Returns codes [rows,
+    groups, 16] (uint8, unpacked) and scales S [rows, groups, 1] (float32).
     """
     g = _groups(v)
     s = g.abs().amax(-1, keepdim=True) * (1.0 / EDEN_FP4_MAX)
@@ -402,7 +411,8 @@ def eden_codes_and_scales(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     c = e2m1_decode(codes)
     uc = pairwise_sum(u * c)
     k = torch.where(uc != 0, pairwise_sum(u * u) / uc, torch.ones_like(uc))
-    return codes, s * k
+    # "s < MIN_NORMAL" rather than "s >= MIN_NORMAL" keeps a NaN s (a NaN in the group) NaN.
+    return codes, torch.where(s < MIN_NORMAL, 0.0, s * k)
 
 
 def ms_eden(v: torch.Tensor, uniform: torch.Tensor) -> NVFP4Tensor:
@@ -437,7 +447,7 @@ def sr_quantize(v: torch.Tensor, uniform: torch.Tensor) -> NVFP4Tensor:
     gmax = g.abs().amax(-1, keepdim=True)
     scale = e4m3_ceil(gmax * (1.0 / E2M1_MAX) / ts)
     real = scale.to(torch.float32) * ts
-    u = torch.where(real > 0, g * _reciprocal(real), 0.0).clamp(-E2M1_MAX, E2M1_MAX)
+    u = (g * _reciprocal(real)).clamp(-E2M1_MAX, E2M1_MAX)
     table = torch.tensor(E2M1_VALUES, device=v.device)
     a = u.abs()
     lo_idx = (torch.bucketize(a, table, right=True) - 1).clamp(0, 6)
@@ -508,12 +518,16 @@ def gemm_units(
     b_tensor_scale: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """``gemm`` from the operands' ``units``: the float32 product of the unit values times both
-    tensor scales, applied once to the accumulator (the same values up to float32 rounding)."""
+    """``gemm`` from the operands' ``units``: the float32 product of the unit values times one
+    tensor scale, then the other (the same values up to float32 rounding).
+
+    Not times their product: two tiny tensor scales (e.g. of a small gradient and a small
+    weight) multiply to zero or a subnormal while the output itself is well representable.
+    """
     if a_units.shape[1] != b_units.shape[1]:
         raise ValueError(f"reduction dims differ: {tuple(a_units.shape)} vs {tuple(b_units.shape)}")
     acc = a_units.to(torch.float32) @ b_units.to(torch.float32).T
-    return (acc * (a_tensor_scale * b_tensor_scale)).to(out_dtype)
+    return (acc * a_tensor_scale * b_tensor_scale).to(out_dtype)
 
 
 ROUNDTRIP_METHODS = ("rtn", "four_over_six", "sr", "eden")

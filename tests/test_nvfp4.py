@@ -129,8 +129,9 @@ def test_four_over_six_never_has_larger_group_error_than_six_only():
     *_, err6 = q.rtn_candidate(groups, gmax, chosen.tensor_scale, 6.0)
     *_, err4 = q.rtn_candidate(groups, gmax, chosen.tensor_scale, 4.0)
     err = _group_sq_error(chosen, x)
-    # rtn_candidate's error is real^2 * sum((c - |u|)^2): equal to this one up to rounding.
-    best = torch.minimum(err6, err4).squeeze(-1)
+    # rtn_candidate's error is scale^2 * sum((c - |u|)^2), in units of the tensor scale squared:
+    # times that, equal to this one up to rounding.
+    best = torch.minimum(err6, err4).squeeze(-1) * chosen.tensor_scale**2
     torch.testing.assert_close(err, best, rtol=1e-5, atol=0)
     assert (err <= err6.squeeze(-1) * (1 + 1e-5)).all()
     assert (err4 < err6).any()
