@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call that installs the project, runs the GPU test suite and the GPU benchmarks.
 # Usage on the device machine (from the repo root, with .whl carried for expecttest):
-#   bash benchmarks/device_suite.sh [tests|kernels|linear|model|train ...]   (default: all)
+#   bash benchmarks/device_suite.sh [tests|kernels|linear|model|train|real ...]
+#   (default: tests kernels linear real)
 # Logs and RESULTS.md land in $OUT (or ./device-out when OUT is unset).
 set -uo pipefail
 out="${OUT:-device-out}"
@@ -17,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests kernels linear)
+[ ${#steps[@]} -eq 0 ] && steps=(tests kernels linear real)
 for step in "${steps[@]}"; do
     echo "=== $step"
     case "$step" in
@@ -26,8 +27,12 @@ for step in "${steps[@]}"; do
         linear) python3 benchmarks/linear.py 2>&1 | tee "$out/linear.log" | tail -40 ;;
         model) python3 benchmarks/model.py 2>&1 | tee "$out/model.log" | tail -30 ;;
         train) python3 benchmarks/train_compare.py 2>&1 | tee "$out/train.log" | tail -30 ;;
+        real) python3 benchmarks/real_models.py --json "$out/real_models.json" 2>&1 |
+            tee "$out/real_models.log" | tail -30 ;;
         *) echo "unknown step $step" ;;
     esac
+    status=$?
+    [ $status -ne 0 ] && echo "=== $step FAILED (exit status $status)"
 done
 cp benchmarks/RESULTS.md "$out/" 2>/dev/null
 [ -f docs/loss_curves.png ] && cp docs/loss_curves.png "$out/"

@@ -52,6 +52,22 @@ def to_float32(x):
 
 
 @triton.jit
+def flush_subnormal(x):
+    """nvfp4.flush_subnormal: values below float32's smallest normal become zero (float16 has
+    none). On the bits, so the interpreter (which stores bf16 as integers) does the same."""
+    if x.dtype == tl.float16:
+        return x
+    elif x.dtype == tl.bfloat16:
+        bits = x.to(tl.int16, bitcast=True)
+        bits = tl.where((bits & 0x7F80) == 0, tl.zeros_like(bits), bits)
+        return bits.to(tl.bfloat16, bitcast=True)
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = tl.where((bits & 0x7F800000) == 0, tl.zeros_like(bits), bits)
+        return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def to_bfloat16(x):
     """float32 x that bfloat16 holds exactly, as bfloat16 (on the bits in the interpreter, whose
     conversion mishandles subnormal values; see to_float32)."""

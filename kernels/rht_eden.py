@@ -34,6 +34,7 @@ from quartet_compile.kernels.quantize import (
     e2m1_value,
     e4m3_ceil,
     e4m3_stochastic,
+    flush_subnormal,
     group_absmax,
     pack_nibbles,
     pairwise_sum16,
@@ -105,7 +106,8 @@ def _rotated_tile(
     Logical input X'[r, k] = src[r * stride_r + k * stride_k], zero beyond ``rows``/``red``.
     With FROM_NVFP4, X'[r, k] = deq(triple)[k, r]: the triple's rows are loaded as they lie
     (coalesced) and transposed in registers; the unit values e2m1 * e4m3 are exact in fp16, so
-    the tensor scale is applied after the mix.
+    the tensor scale is applied after the mix. Subnormal inputs and outputs are zero
+    (nvfp4.flush_subnormal): what the tensor cores do with them is then irrelevant.
     """
     pid_r, pid_c = _tile(COLS_FASTEST)
     row = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
@@ -121,9 +123,9 @@ def _rotated_tile(
     else:
         offs = row.to(tl.int64) * stride_r + kk.to(tl.int64) * stride_k
         x = tl.load(src_ptr + offs, mask=(row < rows) & (kk < red), other=0.0)
-        acc = _mix(x, h_ptr, MIX)
+        acc = _mix(flush_subnormal(x), h_ptr, MIX)
         scale = INV_SQRT_BLOCK
-    return _unpermute(acc, BLOCK_R) * scale
+    return flush_subnormal(_unpermute(acc, BLOCK_R) * scale)
 
 
 @triton.jit

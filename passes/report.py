@@ -71,6 +71,7 @@ class GraphReport:
     linears: list[LinearReport] = field(default_factory=list)
     others: list[OtherReport] = field(default_factory=list)
     graph: str = ""  # format_graph() of the rewritten graph, for snapshots and debugging
+    checks: int = 0  # quartet2::check_finite calls in the graph (options={"check_finite": True})
 
     def rewritten(self) -> int:
         return sum(lin.rewritten() for lin in self.linears)
@@ -81,6 +82,11 @@ class GraphReport:
             f"{self.rewritten()} matmul(s) rewritten to NVFP4"
         ]
         lines += [f"  {lin}" for lin in self.linears]
+        if self.checks:
+            lines.append(
+                f"  check_finite: {self.checks} check(s) of the quartet2 ops' inputs and outputs "
+                "(each syncs with the device)"
+            )
         if self.others:
             lines.append("  other matmuls (left as they were):")
             lines += [f"    {other}" for other in self.others]

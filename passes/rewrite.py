@@ -11,6 +11,9 @@ On CUDA the inserted ops are decomposed into their Triton kernels (what AOTAutog
 done had they been in the traced program), so Inductor launches the kernels from its own output
 code. On CPU they stay opaque calls of the eager reference bodies: lowering those bodies to C++
 costs minutes of compile time per graph, for no benefit.
+
+``config.check_finite`` adds a ``quartet2::check_finite`` after each inserted op
+(passes/check_finite.py); that op is never inlined.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from quartet_compile import ops  # noqa: F401  (registers torch.ops.quartet2)
 from quartet_compile.config import QuartetConfig
 from quartet_compile.nvfp4 import HADAMARD_BLOCK
+from quartet_compile.ops import Matmul, Origin
+from quartet_compile.passes import check_finite
 from quartet_compile.passes.match import Labels, Linear, Matches, find_matmuls, resolve, shape_of
 from quartet_compile.passes.report import (
     REWRITTEN,
@@ -57,6 +62,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # checkpoint tags): the replacement inherits it from the node it replaces.
 _NOT_INHERITED = ("val", "tensor_meta", "original_aten", "from_node")
 _SEED_HIGH = 2**31 - 1
+# quartet2 ops that stay op calls on CUDA too.
+_OPAQUE = (q2.check_finite.default,)
 
 
 def rewrite(graph: fx.Graph, config: QuartetConfig, params: Mapping[int, str]) -> GraphReport:
@@ -93,6 +100,7 @@ def rewrite(graph: fx.Graph, config: QuartetConfig, params: Mapping[int, str]) -
     ]
     graph.eliminate_dead_code()
     graph.lint()
+    report.checks = check_finite.count(graph)
     report.graph = format_graph(graph)
     return report
 
@@ -239,6 +247,7 @@ def _rewrite_linear(
 ) -> None:
     fwd = lin.forward
     out_dtype = fwd.meta["val"].dtype
+    check = check_finite.Checks(emit.call, lin.name, config.check_finite)
     x = emit.current(lin.x)
     x2d = emit.call(fwd, aten.squeeze.dim, x, 0) if lin.batched else x
     w_nk = (
@@ -247,22 +256,23 @@ def _rewrite_linear(
         else lin.weight
     )
 
-    def quantize(t: fx.Node) -> Quantized:
+    def quantize(t: fx.Node, name: str) -> Quantized:
         source = resolve(t)
         key = (source.root, source.labels, t.meta["val"].dtype)
         if key not in quantized:
             amax = emit.call(fwd, aten.amax.default, emit.call(fwd, aten.abs.default, t), [])
             if amax.meta["val"].dtype != torch.float32:
                 amax = emit.call(fwd, prims.convert_element_type.default, amax, torch.float32)
-            quantized[key] = emit.quantize(
-                fwd, q2.quantize_fwd.default, t, amax, config.four_over_six
-            )
+            q = emit.quantize(fwd, q2.quantize_fwd.default, t, amax, config.four_over_six)
+            check.quantizer(fwd, Matmul.FORWARD, [(name, t)], Origin.MODEL, q, f"{name} (NVFP4)")
+            quantized[key] = q
         return quantized[key]
 
     xq = wq = None
     if entry.forward == REWRITTEN:
-        xq, wq = quantize(x2d), quantize(w_nk)
+        xq, wq = quantize(x2d, "x"), quantize(w_nk, "W")
         out = emit.gemm(fwd, xq, wq, out_dtype)
+        check.gemm(fwd, Matmul.FORWARD, ("x (NVFP4)", xq), ("W (NVFP4)", wq), ("y", out))
         if lin.bias is not None:
             out = emit.call(fwd, aten.add.Tensor, out, emit.current(lin.bias))
         if lin.batched:
@@ -270,22 +280,22 @@ def _rewrite_linear(
         emit.replace(fwd, out)
 
     roles = [
-        (mm, source)
-        for mm, source, status in (
-            (lin.grad_input, (wq, w_nk), entry.grad_input),
-            (lin.grad_weight, (xq, x2d), entry.grad_weight),
+        (mm, source, matmul)
+        for mm, source, matmul, status in (
+            (lin.grad_input, (wq, w_nk, "W", "dx"), Matmul.GRAD_INPUT, entry.grad_input),
+            (lin.grad_weight, (xq, x2d, "x", "dW"), Matmul.GRAD_WEIGHT, entry.grad_weight),
         )
         if status == REWRITTEN
     ]
     if not roles:
         return
-    first = min((mm.node for mm, _ in roles), key=_position(emit.graph))
+    first = min((mm.node for mm, *_ in roles), key=_position(emit.graph))
     device = fwd.meta["val"].device
     bits = _randint(emit, first, 2, [len(roles), HADAMARD_BLOCK], torch.float32, device)
     signs = emit.call(first, aten.sub.Tensor, emit.call(first, aten.mul.Tensor, bits, 2.0), 1.0)
     seeds = _randint(emit, first, _SEED_HIGH, [2 * len(roles)], torch.int64, device)
     method = config.backward_method
-    for i, (mm, (fwd_q, operand)) in enumerate(roles):
+    for i, (mm, (fwd_q, operand, name, result), matmul) in enumerate(roles):
         node = mm.node
         s = emit.call(node, aten.select.int, signs, 0, i)
         seed_dy = emit.call(node, aten.select.int, seeds, 0, 2 * i)
@@ -294,11 +304,17 @@ def _rewrite_linear(
         # grad-input wants dy [T, N] rotated along N; grad-weight dy.T [N, T] along T.
         dy_transpose = holds_dy_t if mm is lin.grad_input else not holds_dy_t
         dyq = emit.quantize(node, q2.rht_eden.default, dy, s, seed_dy, dy_transpose, method)
+        dyq_name, opq_name = "dy (rotated NVFP4)", f"{name} (rotated NVFP4)"
+        check.quantizer(node, matmul, [("dy", dy)], Origin.GRADIENT, dyq, dyq_name)
         if fwd_q is not None:
             opq = emit.quantize(node, q2.requant.default, *fwd_q[:3], s, seed_op, method)
+            from_forward = [(f"{name} (NVFP4 of the forward)", t) for t in fwd_q[:3]]
+            check.quantizer(node, matmul, from_forward, Origin.QUARTET2, opq, opq_name)
         else:  # forward kept in high precision: rotate and quantize the operand itself
             opq = emit.quantize(node, q2.rht_eden.default, operand, s, seed_op, True, method)
+            check.quantizer(node, matmul, [(name, operand)], Origin.MODEL, opq, opq_name)
         out = emit.gemm(node, dyq, opq, node.meta["val"].dtype)
+        check.gemm(node, matmul, (dyq_name, dyq), (opq_name, opq), (result, out))
         if mm.out_transposed:
             out = emit.call(node, aten.permute.default, out, [1, 0])
         if lin.batched:
@@ -340,7 +356,10 @@ def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
 def _decompose_on_cuda(
     graph: fx.Graph, node: fx.Node, fake_mode: Any, constants: dict[Hashable, str]
 ) -> None:
-    """Inline a quartet2 op's body in place of the op call when it runs on CUDA."""
+    """Inline a quartet2 op's body in place of the op call when it runs on CUDA. The debug check
+    is no triton_op and stays an op call (it returns nothing and syncs)."""
+    if node.target in _OPAQUE:
+        return
     if node.meta["val"] is None or not _first_tensor(node.meta["val"]).is_cuda:
         return
     try:

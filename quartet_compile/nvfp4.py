@@ -483,25 +483,44 @@ def rht_quantize(
 
     The reduction dim is zero-padded to a multiple of 128. ``method`` "eden" is MS-EDEN (one
     seeded_uniform draw per group, by its row-major index); "sr" is the element-wise
-    stochastic-rounding baseline (one draw per element).
+    stochastic-rounding baseline (one draw per element). Values of x below float32's smallest
+    normal count as zero (``flush_subnormal``).
     """
     check_floating(x)
-    if method not in BACKWARD_METHODS:
-        raise ValueError(f"method must be one of {BACKWARD_METHODS}, got {method!r}")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D, got shape {tuple(x.shape)}")
-    v = rotate(pad_last(x.T if transpose else x, HADAMARD_BLOCK), signs)
-    if method == "sr":
-        return sr_quantize(v, seeded_uniform(seed, v.shape, v.device))
-    uniform = seeded_uniform(seed, torch.Size((v.shape[0], v.shape[1] // GROUP)), v.device)
-    return ms_eden(v, uniform)
+    x = flush_subnormal(x.to(torch.float32))
+    return _rotate_and_quantize(x.T if transpose else x, signs, seed, method)
 
 
 def requant(
     q: NVFP4Tensor, signs: torch.Tensor, seed: torch.Tensor, method: str = "eden"
 ) -> NVFP4Tensor:
     """deq(q).T rotated and re-quantized: a forward operand grouped along its other dimension."""
-    return rht_quantize(dequantize(q), signs, seed, transpose=True, method=method)
+    return _rotate_and_quantize(dequantize(q).T, signs, seed, method)
+
+
+def flush_subnormal(x: torch.Tensor) -> torch.Tensor:
+    """x with every value below float32's smallest normal (in magnitude) set to zero.
+
+    Applied to the rotated quantizers' input and to the rotated values: the GPU's tensor cores
+    flush such values themselves (seen on the H200), so the rotation's sums agree bit for bit
+    only if neither side ever holds one. They are below 1.2e-38: no BF16 product next to
+    normal-range values resolves them (docs/numerics.md). NaN and Inf are kept.
+    """
+    return torch.where(x.abs() < MIN_NORMAL, 0.0, x)
+
+
+def _rotate_and_quantize(
+    x: torch.Tensor, signs: torch.Tensor, seed: torch.Tensor, method: str
+) -> NVFP4Tensor:
+    if method not in BACKWARD_METHODS:
+        raise ValueError(f"method must be one of {BACKWARD_METHODS}, got {method!r}")
+    v = flush_subnormal(rotate(pad_last(x, HADAMARD_BLOCK), signs))
+    if method == "sr":
+        return sr_quantize(v, seeded_uniform(seed, v.shape, v.device))
+    uniform = seeded_uniform(seed, torch.Size((v.shape[0], v.shape[1] // GROUP)), v.device)
+    return ms_eden(v, uniform)
 
 
 def gemm(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

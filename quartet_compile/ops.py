@@ -19,9 +19,15 @@ Ops (all 2-D, quantization groups along the last dim of every output):
 - ``requant(codes, scales, tensor_scale, signs, seed, method)``: the same for deq(triple).T.
 - ``gemm(a_units, a_tensor_scale, b_units, b_tensor_scale, out_dtype)``: deq(a) @ deq(b).T,
   float32 accumulation.
+- ``check_finite(tensors, names, num_inputs, origin, layer, matmul, op)``: the debug check of
+  ``options={"check_finite": True}``. Unlike the others it is a plain ``custom_op`` (Inductor
+  keeps it as an extern call and never inlines it), returns nothing, is registered as
+  side-effectful so that no dead-code elimination drops it, and syncs with the device.
 """
 
 from __future__ import annotations
+
+import enum
 
 import torch
 from torch.library import triton_op
@@ -181,3 +187,105 @@ def _check_units(
             raise TypeError(f"{name}_tensor_scale must be a 0-d float32 tensor, got {ts.dtype}")
     if a_units.shape[1] != b_units.shape[1]:
         raise ValueError(f"gemm operands disagree on K: {a_units.shape[1]} vs {b_units.shape[1]}")
+
+
+# --------------------------------------------------------------------------------------------
+# check_finite (options={"check_finite": True})
+# --------------------------------------------------------------------------------------------
+
+
+class Matmul(enum.Enum):
+    """Which of a linear layer's three matmuls a quartet2 op belongs to."""
+
+    FORWARD = "forward"
+    GRAD_INPUT = "grad-input"
+    GRAD_WEIGHT = "grad-weight"
+
+
+class Origin(enum.Enum):
+    """Where a checked op's inputs come from, which says where a non-finite one was made."""
+
+    MODEL = "model"  # a forward activation or weight: the model made it
+    GRADIENT = "gradient"  # the gradient reaching the layer's output (dy)
+    QUARTET2 = "quartet2"  # an earlier quartet2 op of the layer (a quantized operand)
+
+
+@torch.library.custom_op(
+    "quartet2::check_finite",
+    mutates_args=(),
+    # infer_schema does not take list[str]
+    schema=(
+        "(Tensor[] tensors, str[] names, int num_inputs, str origin, str layer, str matmul, "
+        "str op) -> ()"
+    ),
+    tags=(torch.Tag.cudagraph_unsafe,),
+)
+def check_finite(
+    tensors: list[torch.Tensor],
+    names: list[str],
+    num_inputs: int,
+    origin: str,
+    layer: str,
+    matmul: str,
+    op: str,
+) -> None:
+    """Raise ``FloatingPointError`` at the first of ``tensors`` that holds a NaN or an Inf.
+
+    ``tensors`` are the inputs (the first ``num_inputs``, from ``origin``, an ``Origin`` value)
+    and then the outputs of one quartet2 op call ``op`` in the ``matmul`` (a ``Matmul`` value) of
+    linear layer ``layer``; ``names`` name them as operands. Inputs come first, so a bad output
+    means that the op made it from finite inputs.
+    One host synchronisation per call (the reason the check is off by default); tagged
+    ``cudagraph_unsafe``, so Inductor runs it between CUDA graphs (graph partitions) or skips
+    CUDA graphs for a graph that holds it.
+    """
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).tolist()
+    bad = next((i for i, ok in enumerate(finite) if not ok), None)
+    if bad is not None:
+        # A bad output was made by the op itself.
+        made_by = Origin(origin) if bad < num_inputs else Origin.QUARTET2
+        where = f"{op} {'input' if bad < num_inputs else 'output'}"
+        raise FloatingPointError(
+            _nonfinite_message(tensors[bad], names[bad], made_by, where, layer, Matmul(matmul))
+        )
+
+
+@check_finite.register_fake
+def _(tensors, names, num_inputs, origin, layer, matmul, op) -> None:
+    return None
+
+
+# The op returns nothing that the graph uses: without this, FX's and Inductor's dead-code
+# elimination (torch._library.utils.is_impure) would drop every call. torch's effect tokens
+# (torch.library._register_effectful_op) are threaded through a program when AOTAutograd traces
+# it; the quartet2 pass inserts this op after tracing, where no token exists.
+torch.fx.node.has_side_effect(torch.ops.quartet2.check_finite.default)
+
+
+def _nonfinite_message(
+    t: torch.Tensor, name: str, made_by: Origin, where: str, layer: str, matmul: Matmul
+) -> str:
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    head = (
+        f"quartet2 check_finite: non-finite value in {matmul.value} operand {name} of layer "
+        f"{layer!r} ({where}): {nan} NaN, {inf} Inf of {t.numel()} elements."
+    )
+    if made_by is Origin.QUARTET2:
+        return (
+            f"{head} quartet2 made it from finite values: a quartet_compile bug (please report "
+            f"it with the layer's shapes and dtype). Meanwhile options={{'skip': ({layer!r},)}} "
+            f"keeps this layer in high precision."
+        )
+    if made_by is Origin.MODEL:
+        return (
+            f"{head} It entered this matmul from outside: the problem is upstream of the layer "
+            f"in the forward (an earlier layer, the model's input, or a weight that the last "
+            f"optimizer step made non-finite)."
+        )
+    return (
+        f"{head} It entered this matmul from outside: the gradient reaching the layer's output "
+        f"was already non-finite, so the problem is in the loss or in the backward of a later "
+        f"op that quartet2 does not rewrite (attention, a norm, the lm_head): the quartet2 "
+        f"matmuls that ran before this one in the backward passed their checks. To find the op, "
+        f"run the model uncompiled under torch.autograd.detect_anomaly()."
+    )

@@ -19,10 +19,11 @@ bands of 16 rows, each one such pattern, so one tensor exercises all of them:
 
 With ``exact=True`` every value is a grid value (a multiple of 1/16 in [-4, 4)) times a power
 of two that is constant along each band's rows (heavy-tail and outlier stay within 2^11), so
-each 128-term rotation sum along a row is exact in any summation order: a kernel can then be
-compared with the reference bit for bit, whatever its accumulation order and whatever the GPU
-does with subnormal values. Bands are 16 rows, so the transpose (``sink(...).T``) keeps every
-16-group inside one band: requant's input. With ``exact=False`` the bands hold Gaussian and
+each 128-term rotation sum along a row is exact in any summation order, and none of its partial
+sums is subnormal (the min-normal band's normal values are multiples of 2^-126): a kernel can
+then be compared with the reference bit for bit, whatever its accumulation order and whatever
+the GPU does with subnormal values. Bands are 16 rows, so the transpose (``sink(...).T``) keeps
+every 16-group inside one band: requant's input. With ``exact=False`` the bands hold Gaussian and
 Cauchy values at non-power-of-two magnitudes (1e4, 1e-30, 1e-38, 1e-40): for properties that
 must hold on any input (finite output, zeros stay zero).
 """
@@ -58,6 +59,10 @@ def _base(rows: int, cols: int, exact: bool, g: torch.Generator) -> torch.Tensor
 def band(name: str, cols: int, exact: bool, g: torch.Generator) -> torch.Tensor:
     """One band of BAND rows, float32."""
     x = _base(BAND, cols, exact, g)
+    if name == "min-normal" and exact:
+        # Values below 2^-126 are zero to the rotated quantizers; the rest are multiples of
+        # 2^-126, so no partial sum of a rotation is subnormal either, whatever its order.
+        return torch.where(x.abs() < 1, x, x.round()) * 2.0**-126
     if name in _EXACT_SCALE:
         return x * (_EXACT_SCALE if exact else _FREE_SCALE)[name]
     if name == "zeros":

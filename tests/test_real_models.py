@@ -1,0 +1,129 @@
+"""benchmarks/real_models.py on CPU: tiny stock Hugging Face models train with finite gradients
+under both backends from the same weights, quartet2 rewrites their linears, and a non-finite
+gradient fails the run, names the parameter and sets the exit status."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import real_models  # noqa: E402
+
+from quartet_compile import corpus  # noqa: E402
+
+# --eager: bf16 under aot_eager, quartet2 with options inductor=False (same graphs, no codegen).
+TINY = real_models.Settings(
+    device="cpu", steps=3, batch=2, seq=64, warmup=1, val_batches=1, tiny=True, eager=True
+)
+# Matmuls of the tiny models' blocks (2 each) that quartet2 rewrites, forward and both backward:
+# every linear but lm_head; tiny qwen3's k/v projections (N=64) are below min_dim=128.
+NVFP4_MATMULS = {"llama": 2 * 7 * 3, "gpt2": 2 * 4 * 3, "qwen3": 2 * 5 * 3}
+
+
+@pytest.fixture(scope="module")
+def data() -> corpus.Corpus:
+    return corpus.load_corpus()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models' ops gain nothing from intra-op threads, and on a busy machine the threads
+    wait on each other (seen: 5x slower training steps with 2 threads on a loaded 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", list(real_models.MODELS))
+def test_tiny_models_train_finite_under_both_backends_from_the_same_weights(name, data):
+    quartet2, bf16 = real_models.run_all(TINY, [name], ["quartet2", "bf16"], data, budget_s=None)
+    for run in (quartet2, bf16):
+        assert run.failure is None and run.steps == TINY.steps
+        assert all(math.isfinite(x) for x in [*run.losses, run.val_loss])
+    assert quartet2.weights_digest == bf16.weights_digest
+    assert quartet2.losses[0] == pytest.approx(bf16.losses[0], rel=1e-2)
+    assert quartet2.nvfp4_matmuls == NVFP4_MATMULS[name]
+    assert bf16.nvfp4_matmuls == 0
+
+
+def test_a_nan_gradient_fails_the_run_and_names_the_parameter(monkeypatch, tmp_path, capsys):
+    poisoned = "model.layers.1.mlp.down_proj.weight"
+    build = real_models.build_model
+
+    def build_poisoned(name: str, tiny: bool, seed: int) -> torch.nn.Module:
+        model = build(name, tiny, seed)
+        calls = []
+
+        def poison_second_gradient(param: torch.Tensor) -> None:
+            calls.append(None)
+            if len(calls) == 2:
+                param.grad[0, 0] = math.nan
+
+        model.get_parameter(poisoned).register_post_accumulate_grad_hook(poison_second_gradient)
+        return model
+
+    monkeypatch.setattr(real_models, "build_model", build_poisoned)
+    out = tmp_path / "runs.json"
+    status = real_models.main(
+        ["--device", "cpu", "--tiny", "--eager", "--models", "llama", "--backends", "bf16",
+         "--steps", "3", "--batch", "2", "--seq", "64", "--no-write", "--json", str(out)]
+    )  # fmt: skip
+    assert status == 1
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["failure"] == f"NaN at step 2 in {poisoned}"
+    assert run["non_finite"] == [poisoned]
+    assert run["steps"] == 1 and run["val_loss"] is None
+    printed = capsys.readouterr().out
+    assert "| llama | bf16 | 0.5M | 1 | - |" in printed
+    assert f"real models: FAILED 1 of 1 runs (llama/bf16: NaN at step 2 in {poisoned})" in printed
+
+
+def test_a_failure_names_the_loss_and_the_last_parameters_in_model_order():
+    names = [f"layers.{i}.weight" for i in range(6)]
+    finite = torch.ones(7)
+    assert real_models.non_finite(finite, names) == []
+    inf = torch.tensor([math.inf, 1.0, math.inf, 1.0, 1.0, 1.0, 1.0])
+    bad = real_models.non_finite(inf, names)
+    assert real_models.failure_message(inf, bad, 5) == "Inf at step 5 in loss, layers.1.weight"
+    nan = torch.tensor([math.nan, 1.0, *[math.nan] * 5])
+    bad = real_models.non_finite(nan, names)
+    assert real_models.failure_message(nan, bad, 7) == (
+        "NaN at step 7 in 6 of the loss and gradients, the last in model order: "
+        "layers.2.weight, layers.3.weight, layers.4.weight, layers.5.weight"
+    )
+
+
+def test_a_run_cut_by_the_time_budget_fixes_the_steps_of_the_models_later_backends(monkeypatch):
+    calls = []
+
+    def fake_run(name, backend, settings, data, deadline):
+        calls.append((name, backend, settings.steps, deadline is not None))
+        steps = 40 if backend == "quartet2" else settings.steps
+        run = real_models.RunResult(name, backend, "", 1, "", steps=steps)
+        run.stopped_early = steps < settings.steps
+        return run
+
+    monkeypatch.setattr(real_models, "train_run", fake_run)
+    results = real_models.run_all(
+        real_models.Settings(device="cpu", steps=300),
+        ["llama", "gpt2"],
+        ["quartet2", "bf16"],
+        None,
+        60,
+    )
+    assert calls == [
+        ("llama", "quartet2", 300, True),
+        ("llama", "bf16", 40, True),
+        ("gpt2", "quartet2", 300, True),
+        ("gpt2", "bf16", 40, True),
+    ]
+    assert "| 40 (time) |" in real_models.table(results)
