@@ -61,23 +61,17 @@ def llama(tiny: bool) -> PretrainedConfig:
     from transformers import LlamaConfig
 
     if tiny:
-        return LlamaConfig(
-            vocab_size=256,
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-        )
+        size = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2}
+        heads = 2
+    else:
+        size = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8}
+        heads = 16
     return LlamaConfig(
         vocab_size=256,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=16,
         max_position_embeddings=1024,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        **size,
     )
 
 

@@ -257,10 +257,12 @@ def _groups(x: torch.Tensor) -> torch.Tensor:
 
 
 def _safe_tensor_scale(amax: torch.Tensor, divisor: float) -> torch.Tensor:
-    """amax / divisor; 1 for an all-zero tensor; NaN when amax is not finite (SPEC 1)."""
-    amax = amax.to(torch.float32)
-    scale = torch.where(amax > 0, amax / divisor, torch.ones_like(amax))
-    return torch.where(torch.isfinite(amax), scale, torch.full_like(amax, float("nan")))
+    """amax / divisor; 1 for an all-zero tensor, and for one so small that the quotient
+    underflows to zero (every group of it underflows too); NaN when amax is not finite
+    (SPEC 1)."""
+    scale = amax.to(torch.float32) / divisor
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
 
 
 def round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:

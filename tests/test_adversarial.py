@@ -10,13 +10,13 @@ import os
 import adversarial
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from quartet_compile import nvfp4 as q
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-COLS = 256
+COLS = 128
 INTERPRETER = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
     reason="interpreter tests (tests/conftest.py sets TRITON_INTERPRET=1 where CUDA is absent)",
@@ -137,6 +137,8 @@ def test_gemm_applies_tiny_tensor_scales_one_after_the_other():
     method=st.sampled_from(q.BACKWARD_METHODS),
     seed=st.integers(0, 2**16),
 )
+# float32's smallest subnormal: amax / (6 * 256) underflows to zero; the tensor scale must not.
+@example(exponents=[-142], zero_fraction=0.0, method="eden", seed=0)
 def test_property_any_magnitudes_stay_finite(exponents, zero_fraction, method, seed):
     g = torch.Generator().manual_seed(seed)
     rows = torch.exp2(torch.tensor(exponents, dtype=torch.float32))[:, None]
@@ -210,7 +212,7 @@ def _assert_same(got, ref: q.NVFP4Tensor) -> None:
 @INTERPRETER
 @pytest.mark.parametrize(
     ("dtype", "four_over_six"),
-    [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, True), (torch.float32, True)],
+    [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True)],
 )
 def test_forward_kernel_matches_reference_on_adversarial_input(dtype, four_over_six):
     from quartet_compile.kernels import quantize
