@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from test_kernels import assert_same_quantized
 
 from quartet_compile import nvfp4 as q
 
@@ -200,15 +201,6 @@ def test_ms_eden_bias_on_cauchy_like_tails_is_small_and_from_the_hadamard_rotati
 # ---------------------------------------------------------------------------- the kernels
 
 
-def _assert_same(got, ref: q.NVFP4Tensor) -> None:
-    codes, scales, ts, units = got
-    assert torch.equal(codes, ref.codes), f"{(codes != ref.codes).sum()} code bytes differ"
-    diff = scales.view(torch.uint8) != ref.scales.view(torch.uint8)
-    assert not diff.any(), f"{diff.sum()} scales differ"
-    assert torch.equal(ts, ref.tensor_scale)
-    assert torch.equal(units, q.units(ref))
-
-
 @INTERPRETER
 @pytest.mark.parametrize(
     ("dtype", "four_over_six"),
@@ -219,7 +211,9 @@ def test_forward_kernel_matches_reference_on_adversarial_input(dtype, four_over_
 
     x = _sink(dtype, exact=False)
     amax = x.float().abs().amax()
-    _assert_same(quantize.quantize_rtn(x, amax, four_over_six), q.quantize_rtn(x, four_over_six))
+    assert_same_quantized(
+        quantize.quantize_rtn(x, amax, four_over_six), q.quantize_rtn(x, four_over_six)
+    )
 
 
 @INTERPRETER
@@ -241,7 +235,7 @@ def test_rht_kernel_matches_reference_on_adversarial_input(dtype, method, transp
     x = x.T.contiguous() if transpose else x
     signs, seed = _signs_and_seed(10)
     got = rht_eden.rht_quantize(x, signs, seed, transpose, method)
-    _assert_same(got, q.rht_quantize(x, signs, seed, transpose, method))
+    assert_same_quantized(got, q.rht_quantize(x, signs, seed, transpose, method))
 
 
 @INTERPRETER
@@ -254,7 +248,9 @@ def test_requant_kernel_matches_reference_on_adversarial_input(method):
     amax = torch.exp2(torch.ceil(torch.log2(x.abs().amax() / 1536))) * 1536
     fwd = q.quantize_rtn(x, True, amax)
     signs, seed = _signs_and_seed(11)
-    _assert_same(rht_eden.requant(*fwd, signs, seed, method), q.requant(fwd, signs, seed, method))
+    assert_same_quantized(
+        rht_eden.requant(*fwd, signs, seed, method), q.requant(fwd, signs, seed, method)
+    )
 
 
 @INTERPRETER
@@ -264,10 +260,10 @@ def test_kernels_match_reference_on_tiny_tensors(name):
 
     x = adversarial.whole(name, 48, COLS, seed=12)
     signs, seed = _signs_and_seed(12)
-    _assert_same(
+    assert_same_quantized(
         quantize.quantize_rtn(x, x.abs().amax(), True), q.quantize_rtn(x, True, x.abs().amax())
     )
-    _assert_same(
+    assert_same_quantized(
         rht_eden.rht_quantize(x, signs, seed, False, "eden"),
         q.rht_quantize(x, signs, seed, False, "eden"),
     )
@@ -281,5 +277,5 @@ def test_kernel_drops_the_same_underflowing_groups():
     x[0, 5], x[1, 5] = 2.0**-119, 2.0**-121
     signs, seed = _signs_and_seed(3)
     got = rht_eden.rht_quantize(x, signs, seed, False, "eden")
-    _assert_same(got, q.rht_quantize(x, signs, seed))
+    assert_same_quantized(got, q.rht_quantize(x, signs, seed))
     assert (got[0][1] == 0).all() and (got[0][0] != 0).any()
