@@ -1,6 +1,6 @@
 """One training step of a Llama-style model: torch.compile BF16 (Inductor) vs backend="quartet2".
 
-The step is the demo's (quartet_compile.training): BF16 autocast over FP32 master weights,
+The step is the demo's (quartet_demo.training): BF16 autocast over FP32 master weights,
 forward, backward, fused AdamW. Each backend runs in its own process with empty Inductor and
 Triton caches, so "compile s" (the first step's wall time, compilation included) is a cold
 compile for both. Step time is the median of CUDA-event timings after warm-up, over random
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from quartet_compile.models.llama import Llama, LlamaConfig
-from quartet_compile.training import TrainConfig, compile_model, make_optimizer, next_byte_loss
+from quartet_demo.models.llama import Llama, LlamaConfig
+from quartet_demo.training import TrainConfig, compile_model, make_optimizer, next_byte_loss
 from results import markdown_table, write_section
 
 BACKENDS = ("bf16", "quartet2")

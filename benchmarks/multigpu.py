@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from quartet_compile.demo import PRESETS
-from quartet_compile.distributed import NO_MULTICAST
-from quartet_compile.training import SUMMARY_NAME
+from quartet_demo.demo import PRESETS
+from quartet_demo.distributed import NO_MULTICAST
+from quartet_demo.training import SUMMARY_NAME
 from results import markdown_table, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, backend: str, engine: str, gpus: int) -> Run:
     command = [
         *launcher,
         "-m",
-        "quartet_compile.demo",
+        "quartet_demo",
         "--preset",
         args.preset,
         "--backend",

@@ -3,7 +3,7 @@
 Why: the other benchmarks train the project's own Llama; a stock ``LlamaForCausalLM`` once got
 NaN gradients after 17-71 steps under quartet2 (since fixed). This script trains
 unmodified transformers models (random init, byte vocabulary 256, SDPA attention) on real text
-(the Python standard library's sources, quartet_compile.corpus) with each backend from the same
+(the Python standard library's sources, quartet_demo.corpus) with each backend from the same
 weights and the same batches, and checks after every backward, with one host sync, that the loss
 and every parameter's gradient are finite. The first non-finite step stops that run (before the
 optimizer applies it) and names the parameters; the script then exits with status 1, so a
@@ -45,9 +45,9 @@ import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from quartet_compile import corpus
 from quartet_compile.passes.report import GraphReport
-from quartet_compile.training import BACKENDS
+from quartet_demo import corpus
+from quartet_demo.training import BACKENDS
 from results import markdown_table, write_section
 
 SECTION = "Real models"

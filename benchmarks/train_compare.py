@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from quartet_compile.demo import PRESETS
-from quartet_compile.training import BACKENDS, LOG_NAME, SUMMARY_NAME
+from quartet_demo.demo import PRESETS
+from quartet_demo.training import BACKENDS, LOG_NAME, SUMMARY_NAME
 from results import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ def run_backend(args: argparse.Namespace, backend: str, stop_step: int | None) -
     command = [
         sys.executable,
         "-m",
-        "quartet_compile.demo",
+        "quartet_demo",
         "--backend",
         backend,
         "--preset",

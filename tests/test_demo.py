@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from quartet_compile import corpus
-from quartet_compile.demo import PRESETS, main
-from quartet_compile.models.llama import Llama
-from quartet_compile.training import (
+from quartet_demo import corpus
+from quartet_demo.demo import PRESETS, main
+from quartet_demo.models.llama import Llama
+from quartet_demo.training import (
     CSV_COLUMNS,
     LOG_NAME,
     SUMMARY_NAME,
@@ -32,7 +32,6 @@ from quartet_compile.training import (
     save_checkpoint,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = 12
 EVAL_EVERY = 4
 BATCH, SEQ = 8, 128
@@ -91,7 +90,7 @@ def test_split_is_deterministic_disjoint_and_complete():
     assert not any("site-packages" in path.parts for path in files)
     # Same split in another interpreter with another string-hash seed: nothing process-dependent.
     script = (
-        "from quartet_compile import corpus; "
+        "from quartet_demo import corpus; "
         "print('\\n'.join(map(str, corpus.split_files(corpus.source_files(), 0.05)[1])))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
@@ -213,9 +212,9 @@ def test_resume_refuses_a_different_run(bf16_run: Path):
         main([*ARGS, "--backend", "bf16", "--out", str(bf16_run), "--lr", "1e-3", "--resume"])
 
 
-def test_example_script_runs_the_demo():
+def test_python_dash_m_quartet_demo_runs_the_demo():
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_llama.py"), "--help"],
+        [sys.executable, "-m", "quartet_demo", "--help"],
         capture_output=True,
         text=True,
         check=True,

@@ -28,11 +28,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from quartet_compile import corpus, distributed, training
-from quartet_compile.demo import main
 from quartet_compile.explain import explain
-from quartet_compile.models.llama import Llama, LlamaConfig
-from quartet_compile.training import LOG_NAME, TrainConfig, next_byte_loss, train
+from quartet_demo import corpus, distributed, training
+from quartet_demo.demo import main
+from quartet_demo.models.llama import Llama, LlamaConfig
+from quartet_demo.training import LOG_NAME, TrainConfig, next_byte_loss, train
 
 WORLD_SIZE = 2
 FAST_BACKENDS = {

@@ -18,10 +18,10 @@ import pytest
 import torch
 from test_distributed import losses, mean_rank_loss
 
-from quartet_compile.demo import PRESETS
-from quartet_compile.distributed import NO_MULTICAST
-from quartet_compile.models.llama import Llama
-from quartet_compile.training import compile_model, next_byte_loss
+from quartet_demo.demo import PRESETS
+from quartet_demo.distributed import NO_MULTICAST
+from quartet_demo.models.llama import Llama
+from quartet_demo.training import compile_model, next_byte_loss
 
 pytestmark = [
     pytest.mark.gpu,
@@ -38,7 +38,7 @@ def demo(out: Path, backend: str, mode: str = "none") -> Path:
     if mode != "none":
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={GPUS}"]
     command = [
-        *launcher, "-m", "quartet_compile.demo", "--backend", backend, "--distributed", mode,
+        *launcher, "-m", "quartet_demo", "--backend", backend, "--distributed", mode,
         "--device", "cuda", "--steps", str(STEPS), "--eval-every", str(STEPS // 2),
         "--save-every", "0", "--no-progress", "--out", str(out),
     ]  # fmt: skip

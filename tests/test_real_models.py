@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import real_models  # noqa: E402
 
-from quartet_compile import corpus  # noqa: E402
+from quartet_demo import corpus  # noqa: E402
 
 # --eager: bf16 under aot_eager, quartet2 with options inductor=False (same graphs, no codegen).
 TINY = real_models.Settings(

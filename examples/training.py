@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from quartet_compile import corpus
-from quartet_compile import distributed as dist_training
-from quartet_compile.distributed import SINGLE_PROCESS, World
-from quartet_compile.models.llama import Llama, LlamaConfig
+from quartet_demo import corpus
+from quartet_demo import distributed as dist_training
+from quartet_demo.distributed import SINGLE_PROCESS, World
+from quartet_demo.models.llama import Llama, LlamaConfig
 
 # torch.compile arguments of each backend the demo compares; all run under BF16 autocast with
 # FP32 master weights, so the only difference is how the linear layers' matmuls are computed.

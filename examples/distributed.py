@@ -82,7 +82,7 @@ def init(mode: str, device_type: str) -> World:
     if missing:
         raise RuntimeError(
             f"--distributed {mode} needs torchrun's environment ({', '.join(missing)} unset): "
-            f"launch with `torchrun --nproc-per-node N -m quartet_compile.demo "
+            f"launch with `torchrun --nproc-per-node N -m quartet_demo "
             f"--distributed {mode}`"
         )
     local_rank = int(os.environ["LOCAL_RANK"])

@@ -1,9 +1,9 @@
-"""``python -m quartet_compile.demo``: train a small Llama on the Python stdlib with one backend.
+"""``python -m quartet_demo``: train a small Llama on the Python stdlib with one backend.
 
 The one line that changes between backends is the ``torch.compile`` call (see
-``quartet_compile.training.BACKENDS``). ``--preset tiny`` runs on a laptop CPU in about a minute;
+``quartet_demo.training.BACKENDS``). ``--preset tiny`` runs on a laptop CPU in about a minute;
 ``small`` (~34M parameters) and ``medium`` (~85M) are for a GPU. Several GPUs:
-``torchrun --nproc-per-node 2 -m quartet_compile.demo --distributed ddp`` (or ``fsdp2``).
+``torchrun --nproc-per-node 2 -m quartet_demo --distributed ddp`` (or ``fsdp2``).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from quartet_compile import distributed
-from quartet_compile.models.llama import LlamaConfig
-from quartet_compile.training import BACKENDS, TrainConfig, train
+from quartet_demo import distributed
+from quartet_demo.models.llama import LlamaConfig
+from quartet_demo.training import BACKENDS, TrainConfig, train
 
 PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(),  # the defaults: 0.5M parameters, a laptop CPU
@@ -103,7 +103,3 @@ def main(argv: list[str] | None = None) -> None:
     result = train(config)
     if distributed.is_main_process():
         print(f"[{config.backend}] {result.summary()}  (log: {config.out_dir}/log.csv)")
-
-
-if __name__ == "__main__":
-    main()
