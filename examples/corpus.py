@@ -1,40 +1,26 @@
-"""Training text that every machine has offline: the CPython standard library's own sources.
+"""Training text as bytes (vocabulary 256): two token streams, train and validation, and a record
+of exactly what was read.
 
-Tokens are bytes (vocabulary 256). Files are assigned to train or validation by a hash of their
-path relative to the stdlib root, so the split is deterministic, disjoint, and the same on any
-machine with the same Python version, without any list to ship.
+Files are assigned to train or validation by a hash of their path relative to the corpus root
+(:mod:`quartet_demo.sources`), so the split is deterministic, disjoint, and the same on any
+machine holding the same files, without any list to ship. A corpus can be large (~390 MB for
+site-packages): each split is one preallocated byte buffer that the files are read straight into,
+never a Python list of ints, and the content hash is computed in the same pass.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from quartet_demo.sources import STDLIB, Sources, find_sources
+
 VOCAB_SIZE = 256
 # Separates files in the token stream; NUL does not occur in Python sources.
 DOCUMENT_SEPARATOR = b"\0"
-# Installed third-party packages differ between machines: only the standard library itself counts.
-_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-
-
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def source_files(root: Path | None = None) -> list[Path]:
-    """All ``.py`` files of the standard library, as sorted paths relative to ``root``."""
-    root = root or stdlib_root()
-    files = []
-    for directory, subdirs, names in os.walk(root):
-        subdirs[:] = [name for name in subdirs if name not in _EXCLUDED_DIRS]
-        relative = Path(directory).relative_to(root)
-        files.extend(relative / name for name in names if name.endswith(".py"))
-    return sorted(files)
 
 
 def is_validation(relative_path: Path, val_fraction: float) -> bool:
@@ -50,27 +36,112 @@ def split_files(files: list[Path], val_fraction: float) -> tuple[list[Path], lis
     return train, val
 
 
-def tokenize(root: Path, files: list[Path]) -> torch.Tensor:
-    """The files' bytes, concatenated with separators, as one uint8 tensor."""
-    data = DOCUMENT_SEPARATOR.join((root / path).read_bytes() for path in files)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a run trained on, so that runs (and machines) can be checked to share a corpus.
+
+    ``sha256`` covers, for every file in sorted order, its relative path, its length and its
+    bytes: it changes when any file is added, removed, renamed or edited.
+    """
+
+    spec: str
+    root: Path
+    files: int
+    bytes: int
+    sha256: str
+    val_files: int
+
+    def describe(self) -> str:
+        return (
+            f"corpus {self.spec} ({self.root}): {self.files:,} files, {self.bytes:,} bytes, "
+            f"sha256 {self.sha256} ({self.val_files:,} files for validation)"
+        )
+
+    def metadata(self) -> dict[str, str]:
+        """The fields a run's log records (``log.csv``'s header)."""
+        return {
+            "corpus": self.spec,
+            "corpus_root": str(self.root),
+            "corpus_files": str(self.files),
+            "corpus_bytes": str(self.bytes),
+            "corpus_sha256": self.sha256,
+        }
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """Byte streams of the two splits."""
+    """Byte streams of the two splits and what they were read from."""
 
     train: torch.Tensor
     val: torch.Tensor
+    fingerprint: Fingerprint
 
 
-def load_corpus(val_fraction: float = 0.05, root: Path | None = None) -> Corpus:
-    """Read and split the standard library; a few seconds for ~30 MB of sources."""
-    root = root or stdlib_root()
-    train_files, val_files = split_files(source_files(root), val_fraction)
+def load_corpus(spec: str = STDLIB, val_fraction: float = 0.05) -> Corpus:
+    """Read and split the corpus ``spec`` names (:func:`quartet_demo.sources.find_sources`).
+
+    A few seconds for the stdlib's ~30 MB; site-packages' ~390 MB takes about as much memory.
+    """
+    sources = find_sources(spec)
+    train_files, val_files = split_files(list(sources.files), val_fraction)
     if not train_files or not val_files:
-        raise RuntimeError(f"no Python sources to split under {root} (val_fraction={val_fraction})")
-    return Corpus(train=tokenize(root, train_files), val=tokenize(root, val_files))
+        raise RuntimeError(
+            f"--corpus {spec!r}: {len(sources.files)} file(s) under {sources.root} give "
+            f"{len(train_files)} for training and {len(val_files)} for validation at "
+            f"val_fraction={val_fraction}; name more files or change --val-fraction"
+        )
+    streams = {False: _Stream(sources, train_files), True: _Stream(sources, val_files)}
+    in_val = set(val_files)
+    digest = hashlib.sha256()
+    for path in sources.files:
+        content = streams[path in in_val].read(path)
+        digest.update(path.as_posix().encode() + b"\0" + len(content).to_bytes(8, "little"))
+        digest.update(content)
+    fingerprint = Fingerprint(
+        spec=spec,
+        root=sources.root,
+        files=len(sources.files),
+        bytes=sum(stream.content_bytes for stream in streams.values()),
+        sha256=digest.hexdigest(),
+        val_files=len(val_files),
+    )
+    return Corpus(streams[False].tensor(), streams[True].tensor(), fingerprint)
+
+
+class _Stream:
+    """One split's files joined by :data:`DOCUMENT_SEPARATOR`, read into a preallocated buffer.
+
+    Sized from the files' sizes up front; a file whose size changes while the corpus is read is
+    an error rather than a silently different stream.
+    """
+
+    def __init__(self, sources: Sources, files: list[Path]) -> None:
+        self._root = sources.root
+        self._sizes = {path: (sources.root / path).stat().st_size for path in files}
+        self.content_bytes = sum(self._sizes.values())
+        separators = len(DOCUMENT_SEPARATOR) * (len(files) - 1)
+        self._buffer = bytearray(self.content_bytes + separators)
+        self._view = memoryview(self._buffer)
+        self._offset = 0
+
+    def read(self, path: Path) -> memoryview:
+        """Append the next file (callers go in sorted order); returns its bytes in the buffer."""
+        if self._offset:
+            end = self._offset + len(DOCUMENT_SEPARATOR)
+            self._view[self._offset : end] = DOCUMENT_SEPARATOR
+            self._offset = end
+        size = self._sizes[path]
+        content = self._view[self._offset : self._offset + size]
+        with (self._root / path).open("rb") as f:
+            if f.readinto(content) != size or f.read(1):
+                raise RuntimeError(f"{self._root / path} changed size while the corpus was read")
+        self._offset += size
+        return content
+
+    def tensor(self) -> torch.Tensor:
+        """The filled buffer as a uint8 tensor (shares its memory, no copy)."""
+        assert self._offset == len(self._buffer)
+        return torch.frombuffer(self._buffer, dtype=torch.uint8)
 
 
 def train_batch(

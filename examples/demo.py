@@ -1,9 +1,11 @@
-"""``python -m quartet_demo``: train a small Llama on the Python stdlib with one backend.
+"""``python -m quartet_demo``: train a small Llama on Python sources with one backend.
 
 The one line that changes between backends is the ``torch.compile`` call (see
 ``quartet_demo.training.BACKENDS``). ``--preset tiny`` runs on a laptop CPU in about a minute;
 ``small`` (~34M parameters) and ``medium`` (~85M) are for a GPU. Several GPUs:
-``torchrun --nproc-per-node 2 -m quartet_demo --distributed ddp`` (or ``fsdp2``).
+``torchrun --nproc-per-node 2 -m quartet_demo --distributed ddp`` (or ``fsdp2``). The text is the
+standard library's sources unless ``--corpus`` names a larger one (``site-packages``, a directory
+or a glob: :mod:`quartet_demo.sources`).
 """
 
 from __future__ import annotations
@@ -54,13 +56,21 @@ _OVERRIDES = (
     ("stop_step", int, "stop after this step, keeping the schedule of --steps (resume later)"),
     ("max_minutes", float, "stop once this session has run this long (compilation included)"),
     ("device", str, "cpu, cuda, cuda:1, ... (default: cuda if available)"),
+    (
+        "corpus",
+        str,
+        "training text: stdlib (the Python standard library's sources), site-packages (every "
+        ".py file of this interpreter's site-packages), a directory (its .py files) or a quoted "
+        "glob ('/data/**/*.txt')",
+    ),
+    ("val_fraction", float, "share of the corpus' files held out for validation"),
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="quartet-demo",
-        description="Train a small Llama on the Python stdlib with one torch.compile backend.",
+        description="Train a small Llama on Python sources with one torch.compile backend.",
     )
     parser.add_argument("--backend", choices=list(BACKENDS), default="bf16", help="default: bf16")
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny", help="default: tiny")

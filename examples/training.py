@@ -8,7 +8,6 @@ run reproduces an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import json
 import math
@@ -27,6 +26,7 @@ from quartet_demo import corpus
 from quartet_demo import distributed as dist_training
 from quartet_demo.distributed import SINGLE_PROCESS, World
 from quartet_demo.models.llama import Llama, LlamaConfig
+from quartet_demo.run_log import CsvLog
 
 # torch.compile arguments of each backend the demo compares; all run under BF16 autocast with
 # FP32 master weights, so the only difference is how the linear layers' matmuls are computed.
@@ -39,7 +39,6 @@ BACKENDS: dict[str, dict[str, Any]] = {
         "options": {"four_over_six": False, "backward_method": "sr"},
     },
 }
-CSV_COLUMNS = ("step", "tokens", "train_loss", "val_loss", "elapsed")
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.csv"
 SUMMARY_NAME = "summary.json"
@@ -64,6 +63,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     val_fraction: float = 0.05
+    corpus: str = "stdlib"  # quartet_demo.sources.find_sources
     eval_batches: int = 8
     out_dir: Path = Path("runs/demo")
     eval_every: int = 50
@@ -169,6 +169,8 @@ def deterministic_on_cpu(device: torch.device) -> Iterator[None]:
 def train(config: TrainConfig) -> TrainResult:
     """Train (or resume) one run; writes ``log.csv``, ``checkpoint.pt`` and ``summary.json``.
 
+    Prints what the corpus holds (files, bytes, content hash), which ``log.csv``'s header repeats.
+
     With ``distributed`` "ddp" or "fsdp2" (under torchrun) every rank trains on its slice of the
     global ``batch_size``; rank 0 alone writes the files and shows progress.
     """
@@ -182,7 +184,9 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _train(config: TrainConfig, device: torch.device, world: World) -> TrainResult:
-    data = corpus.load_corpus(config.val_fraction)
+    data = corpus.load_corpus(config.corpus, config.val_fraction)
+    if world.is_main:
+        print(data.fingerprint.describe(), flush=True)
     val_batches = [
         dist_training.local_rows(batch, world)
         for batch in corpus.eval_batches(
@@ -205,7 +209,11 @@ def _train(config: TrainConfig, device: torch.device, world: World) -> TrainResu
     last_step = min(config.steps, config.stop_step or config.steps)
     if start_step >= last_step:
         raise ValueError(f"--resume: the checkpoint is already at step {start_step} of {last_step}")
-    log = CsvLog(out_dir / LOG_NAME, keep_through_step=start_step) if world.is_main else None
+    log = (
+        CsvLog(out_dir / LOG_NAME, data.fingerprint.metadata(), keep_through_step=start_step)
+        if world.is_main
+        else None
+    )
     loss_fn = next_byte_loss(compile_model(wrapped, config.backend), device)
 
     tokens_per_step = config.batch_size * config.seq_len
@@ -294,37 +302,6 @@ def evaluate(
     """Mean loss over fixed batches and ranks (equal sizes: the mean of means is the token mean)."""
     losses = torch.stack([loss_fn(inputs, targets) for inputs, targets in batches])
     return dist_training.mean(losses.mean(), world)
-
-
-class CsvLog:
-    """``log.csv`` with :data:`CSV_COLUMNS`; a resumed run keeps the rows up to its checkpoint."""
-
-    def __init__(self, path: Path, keep_through_step: int) -> None:
-        kept = []
-        if keep_through_step and path.exists():
-            with path.open(newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= keep_through_step]
-        self._file = path.open("w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
-        self._writer.writeheader()
-        self._writer.writerows(kept)
-
-    def write(
-        self, step: int, tokens: int, train_loss: float, val_loss: float | None, elapsed: float
-    ) -> None:
-        self._writer.writerow(
-            {
-                "step": step,
-                "tokens": tokens,
-                "train_loss": f"{train_loss:.6f}",
-                "val_loss": "" if val_loss is None else f"{val_loss:.6f}",
-                "elapsed": f"{elapsed:.3f}",
-            }
-        )
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
 
 
 def save_checkpoint(

@@ -6,7 +6,6 @@ show the same finite, dropping loss as BF16.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -19,11 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from quartet_demo import corpus
+from quartet_demo import corpus, run_log, sources
 from quartet_demo.demo import PRESETS, main
 from quartet_demo.models.llama import Llama
 from quartet_demo.training import (
-    CSV_COLUMNS,
     LOG_NAME,
     SUMMARY_NAME,
     load_checkpoint,
@@ -51,8 +49,7 @@ def fresh_dynamo():
 
 
 def read_log(out: Path) -> list[dict[str, str]]:
-    with (out / LOG_NAME).open(newline="") as f:
-        return list(csv.DictReader(f))
+    return run_log.read_log(out / LOG_NAME).rows
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +79,7 @@ def bf16_run(trained: Callable[[str], Path]) -> Path:
 
 
 def test_split_is_deterministic_disjoint_and_complete():
-    files = corpus.source_files()
+    files = list(sources.find_sources().files)
     train, val = corpus.split_files(files, 0.05)
     assert set(train).isdisjoint(val)
     assert sorted(train + val) == files
@@ -90,8 +87,9 @@ def test_split_is_deterministic_disjoint_and_complete():
     assert not any("site-packages" in path.parts for path in files)
     # Same split in another interpreter with another string-hash seed: nothing process-dependent.
     script = (
-        "from quartet_demo import corpus; "
-        "print('\\n'.join(map(str, corpus.split_files(corpus.source_files(), 0.05)[1])))"
+        "from quartet_demo import corpus, sources; "
+        "files = list(sources.find_sources().files); "
+        "print('\\n'.join(map(str, corpus.split_files(files, 0.05)[1])))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     other = subprocess.run(
@@ -153,10 +151,11 @@ def test_backend_trains(backend: str, trained: Callable[[str], Path]):
     assert_learns(trained(backend))
 
 
-def test_csv_log_has_one_row_per_step(bf16_run: Path):
-    with (bf16_run / LOG_NAME).open(newline="") as f:
-        assert tuple(next(csv.reader(f))) == CSV_COLUMNS
-    rows = read_log(bf16_run)
+def test_csv_log_has_one_row_per_step_under_the_corpus_header(bf16_run: Path):
+    log = run_log.read_log(bf16_run / LOG_NAME)
+    assert tuple(log.rows[0]) == run_log.CSV_COLUMNS
+    assert log.metadata["corpus"] == "stdlib" and len(log.metadata["corpus_sha256"]) == 64
+    rows = log.rows
     assert [int(row["step"]) for row in rows] == list(range(1, STEPS + 1))
     assert all(int(row["tokens"]) == int(row["step"]) * BATCH * SEQ for row in rows)
     evaluated = [int(row["step"]) for row in rows if row["val_loss"]]

@@ -11,7 +11,6 @@ single-process loss of that rank's rows, not of the whole batch.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import math
@@ -32,6 +31,7 @@ from quartet_compile.explain import explain
 from quartet_demo import corpus, distributed, training
 from quartet_demo.demo import main
 from quartet_demo.models.llama import Llama, LlamaConfig
+from quartet_demo.run_log import read_log
 from quartet_demo.training import LOG_NAME, TrainConfig, next_byte_loss, train
 
 WORLD_SIZE = 2
@@ -144,8 +144,7 @@ def run_ranks(config: TrainConfig, explain_to: Path | None = None) -> None:
 
 
 def losses(out: Path, column: str = "train_loss") -> list[float]:
-    with (out / LOG_NAME).open(newline="") as f:
-        return [float(row[column]) for row in csv.DictReader(f) if row[column]]
+    return [float(row[column]) for row in read_log(out / LOG_NAME).rows if row[column]]
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +197,7 @@ def quartet2_rank_losses() -> float:
 
 def mean_rank_loss(loss_fn, config: TrainConfig, world_size: int) -> float:
     """Mean over ``world_size`` ranks of the loss of each rank's rows of the first batch."""
-    data = corpus.load_corpus(config.val_fraction)
+    data = corpus.load_corpus(config.corpus, config.val_fraction)
     batch = corpus.train_batch(data.train, config.batch_size, config.seq_len, config.seed, 1)
     with torch.no_grad():
         per_rank = [
