@@ -7,7 +7,8 @@ curve covers the same tokens; the table compares validation loss at the last ste
 
 Writes docs/loss_curves.png and the "## Training comparison" section of benchmarks/RESULTS.md.
 Example (one ~9-minute device call):
-``python benchmarks/train_compare.py --minutes-per-backend 2.5``
+``python benchmarks/train_compare.py --minutes-per-backend 2.5``; ``--corpus site-packages`` trains
+on ~13x more text than the standard library, for runs long enough to overfit the latter.
 Longer runs than one device call allows: train one backend per call (``--backends sr-recipe``,
 same ``--steps``), bring the run folders back, then ``--collect`` builds the table and the plot.
 """
@@ -15,18 +16,18 @@ same ``--steps``), bring the run folders back, then ``--collect`` builds the tab
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from quartet_demo.demo import PRESETS
+from quartet_demo.run_log import read_log
 from quartet_demo.training import BACKENDS, LOG_NAME, SUMMARY_NAME
 from results import write_section
 
@@ -37,12 +38,14 @@ ENV_NAME = "machine.json"
 
 @dataclass
 class Run:
-    """One backend's outcome: its validation curve (step -> (tokens, loss)) and throughput."""
+    """One backend's outcome: its validation curve (step -> (tokens, loss)), throughput and the
+    corpus its log names (``corpus_*`` fields of log.csv's header; empty in older logs)."""
 
     backend: str
     val: dict[int, tuple[int, float]]
     tokens_per_s: float
     error: str | None = None
+    corpus: dict[str, str] = field(default_factory=dict)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="schedule horizon (default: the preset's)")
     parser.add_argument("--eval-every", type=int, help="default: the preset's")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--corpus",
+        default="stdlib",
+        help="the demo's --corpus: stdlib, site-packages, a directory or a quoted glob",
+    )
     parser.add_argument(
         "--collect",
         action="store_true",
@@ -84,6 +92,8 @@ def run_backend(args: argparse.Namespace, backend: str, stop_step: int | None) -
         args.preset,
         "--seed",
         str(args.seed),
+        "--corpus",
+        args.corpus,
         "--out",
         str(out),
         "--max-minutes",
@@ -127,16 +137,13 @@ def read_run(out: Path, backend: str) -> Run:
     if not (out / SUMMARY_NAME).exists():
         return Run(backend, {}, math.nan, error=f"no {SUMMARY_NAME} in {out}")
     summary = json.loads((out / SUMMARY_NAME).read_text())
-    return Run(backend, read_val_curve(out / LOG_NAME), summary["tokens_per_s"])
-
-
-def read_val_curve(path: Path) -> dict[int, tuple[int, float]]:
-    with path.open(newline="") as f:
-        return {
-            int(row["step"]): (int(row["tokens"]), float(row["val_loss"]))
-            for row in csv.DictReader(f)
-            if row["val_loss"]
-        }
+    log = read_log(out / LOG_NAME)
+    val = {
+        int(row["step"]): (int(row["tokens"]), float(row["val_loss"]))
+        for row in log.rows
+        if row["val_loss"]
+    }
+    return Run(backend, val, summary["tokens_per_s"], corpus=log.metadata)
 
 
 def common_step(runs: list[Run]) -> int | None:
@@ -206,7 +213,8 @@ def results_section(runs: list[Run], args: argparse.Namespace, env: dict[str, st
         f"every backend (same init, data order and LR schedule). Validation loss is compared at "
         f"step {step}, the last one all backends reached"
         + (f" ({tokens:,} tokens)" if tokens else "")
-        + ", and at each backend's best validation loss up to that step.",
+        + ", and at each backend's best validation loss up to that step."
+        + corpus_sentence(runs),
         "",
         "| backend | val loss | gap to BF16 | best val loss (step) | gap to BF16's best "
         "| tokens/s | steps run | seed |",
@@ -237,6 +245,24 @@ def results_section(runs: list[Run], args: argparse.Namespace, env: dict[str, st
     image = os.path.relpath(args.plot.resolve(), args.results.resolve().parent)
     lines += ["", f"![validation loss vs tokens]({image})", ""]
     return "\n".join(lines)
+
+
+def corpus_sentence(runs: list[Run]) -> str:
+    """What the runs trained on, from their logs' headers; says so when their corpora differ."""
+    logged = [run for run in runs if run.corpus]
+    if not logged:
+        return ""
+    if len({run.corpus["corpus_sha256"] for run in logged}) > 1:
+        each = ", ".join(
+            f"{run.backend}: {run.corpus['corpus']} sha256 {run.corpus['corpus_sha256'][:12]}"
+            for run in logged
+        )
+        return f" The runs trained on different corpora ({each}): their losses do not compare."
+    corpus = logged[0].corpus
+    return (
+        f" Corpus `--corpus {corpus['corpus']}`: {int(corpus['corpus_files']):,} files, "
+        f"{int(corpus['corpus_bytes']) / 1e6:,.0f} MB, sha256 {corpus['corpus_sha256'][:12]}."
+    )
 
 
 def _gap(loss: float, reference: float) -> str:

@@ -36,7 +36,11 @@ def test_common_step_is_the_last_one_every_successful_run_evaluated(train_compar
 
 
 def test_collect_builds_the_table_from_run_folders_and_flags_a_missing_run(train_compare, tmp_path):
-    header = "step,tokens,train_loss,val_loss,elapsed\n"
+    header = (
+        "# corpus: site-packages\n# corpus_root: /venv/site-packages\n# corpus_files: 25000\n"
+        f"# corpus_bytes: 388123456\n# corpus_sha256: {'ab' * 32}\n"
+        "step,tokens,train_loss,val_loss,elapsed\n"
+    )
     for backend, (early, late) in (("quartet2", (1.40, 1.60)), ("bf16", (1.30, 1.50))):
         run = tmp_path / "runs" / backend
         run.mkdir(parents=True)
@@ -55,4 +59,20 @@ def test_collect_builds_the_table_from_run_folders_and_flags_a_missing_run(train
     row = "| quartet2 | 1.6000 | +0.1000 (+6.67%) | 1.4000 (100) | +0.1000 (+7.69%) | 1,234 | 200 |"
     assert row in text
     assert "| sr-recipe | failed: no summary.json in" in text
+    assert "Corpus `--corpus site-packages`: 25,000 files, 388 MB, sha256 abababababab." in text
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_runs_on_different_corpora_are_flagged(train_compare):
+    Run = train_compare.Run
+
+    def corpus(sha: str) -> dict[str, str]:
+        return {"corpus": "site-packages", "corpus_files": "3", "corpus_bytes": "9",
+                "corpus_sha256": sha}  # fmt: skip
+
+    same = [Run("quartet2", {}, 1.0, corpus=corpus("a" * 64)), Run("bf16", {}, 1.0)]
+    assert "Corpus `--corpus site-packages`: 3 files" in train_compare.corpus_sentence(same)
+    differ = [*same, Run("sr-recipe", {}, 1.0, corpus=corpus("b" * 64))]
+    sentence = train_compare.corpus_sentence(differ)
+    assert "different corpora" in sentence and "sr-recipe: site-packages sha256 bbbb" in sentence
+    assert train_compare.corpus_sentence([Run("bf16", {}, 1.0)]) == ""
