@@ -21,9 +21,10 @@ import torch
 from torch import fx
 
 from quartet_compile.ops import Matmul, Origin
+from quartet_compile.passes.emitter import Quantized
 
 q2 = torch.ops.quartet2
-# _Emitter.call of rewrite.py: ``call(anchor, target, *args)`` inserts a node before ``anchor``.
+# passes/emitter.Emitter.call: ``call(anchor, target, *args)`` inserts a node before ``anchor``.
 Call = Callable[..., fx.Node]
 Named = tuple[str, fx.Node]
 _SIDE = {
@@ -47,26 +48,24 @@ class Checks:
         matmul: Matmul,
         inputs: Sequence[Named],
         origin: Origin,
-        quantized: Sequence[fx.Node],
+        quantized: Quantized,
         name: str,
     ) -> None:
-        """After a quantizer op whose getitems are ``quantized`` (codes, scales, tensor scale,
-        units): its ``inputs`` (from ``origin``) and its output ``name``'s tensor scale and
-        units."""
-        tensor_scale, units = quantized[2], quantized[3]
-        outputs = [(name, tensor_scale), (name, units)]
-        self._insert(anchor, matmul, units.args[0], inputs, origin, outputs)
+        """After a quantizer op whose getitems are ``quantized``: its ``inputs`` (from
+        ``origin``) and its output ``name``'s tensor scale and units."""
+        outputs = [(name, quantized.tensor_scale), (name, quantized.units)]
+        self._insert(anchor, matmul, quantized.units.args[0], inputs, origin, outputs)
 
     def gemm(
         self,
         anchor: fx.Node,
         matmul: Matmul,
-        a: tuple[str, Sequence[fx.Node]],
-        b: tuple[str, Sequence[fx.Node]],
+        a: tuple[str, Quantized],
+        b: tuple[str, Quantized],
         out: Named,
     ) -> None:
         """After a gemm: its quantized operands ``a`` and ``b`` (name, getitems) and ``out``."""
-        inputs = [(name, q[i]) for name, q in (a, b) for i in (2, 3)]
+        inputs = [(name, t) for name, q in (a, b) for t in (q.tensor_scale, q.units)]
         self._insert(anchor, matmul, out[1], inputs, Origin.QUARTET2, [out])
 
     def _insert(

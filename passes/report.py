@@ -6,18 +6,45 @@ The report is what users read (logged at INFO under ``quartet_compile``, returne
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
-REWRITTEN = "nvfp4"
 ROLES = ("forward", "grad_input", "grad_weight")
+
+
+class Status(enum.Enum):
+    """What became of one of a layer's three matmuls."""
+
+    NVFP4 = "nvfp4"  # rewritten to quartet2 ops
+    KEPT = "kept"  # eligible in principle, kept in high precision (skip pattern, head, router)
+    INELIGIBLE = "ineligible"  # shapes or dtypes the ops do not take
+    DISABLED = "disabled"  # the config turns this side (forward/backward) off
+    ABSENT = "absent"  # the graph has no such matmul (inference, or no grad required)
+    FAILED = "failed"  # the rewrite raised; the matmul stays as it was
+
+
+@dataclass(frozen=True)
+class RoleStatus:
+    """A ``Status`` and the words the report prints for it."""
+
+    status: Status
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+NVFP4 = RoleStatus(Status.NVFP4, "nvfp4")
+NOT_SET = RoleStatus(Status.ABSENT, "")
 
 
 @dataclass
 class LinearReport:
-    """One linear layer: ``x[T, K] @ W[N, K].T``; per role "nvfp4" or why it stayed as it was."""
+    """One linear layer: ``x[T, K] @ W[N, K].T`` (or ``W[e]`` for each of E experts); per role
+    "nvfp4" or why it stayed as it was."""
 
     module: str
     weight: str
@@ -26,21 +53,24 @@ class LinearReport:
     n: int | str
     dtype: str
     bias: bool
-    forward: str = ""
-    grad_input: str = ""
-    grad_weight: str = ""
+    experts: int | None = None
+    forward: RoleStatus = NOT_SET
+    grad_input: RoleStatus = NOT_SET
+    grad_weight: RoleStatus = NOT_SET
 
     def rewritten(self) -> int:
-        return sum(getattr(self, role) == REWRITTEN for role in ROLES)
+        return sum(getattr(self, role).status is Status.NVFP4 for role in ROLES)
 
     def __str__(self) -> str:
         own = ".".join(filter(None, (self.module, "weight")))
         weight = "W" if self.weight == own else self.weight
+        each = "" if self.experts is None else "[e]"
+        experts = "" if self.experts is None else f", e < {self.experts} experts"
         head = (
-            f"{self.module or '<root>'}: x[{self.t}, {self.k}] @ {weight}[{self.n}, {self.k}].T"
-            f"{' + bias' if self.bias else ''} ({self.dtype})"
+            f"{self.module or '<root>'}: x[{self.t}, {self.k}] @ {weight}{each}[{self.n}, "
+            f"{self.k}].T{' + bias' if self.bias else ''} ({self.dtype}{experts})"
         )
-        statuses = [getattr(self, role) for role in ROLES]
+        statuses = [str(getattr(self, role)) for role in ROLES]
         if len(set(statuses)) == 1:
             return f"{head}\n    all: {statuses[0]}"
         roles = "; ".join(

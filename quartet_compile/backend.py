@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from quartet_compile import config as config_module
 from quartet_compile import kernel_analysis, kernels, nvfp4, ops, passes, regional
 from quartet_compile.config import QuartetConfig
-from quartet_compile.passes import match, rewrite
+from quartet_compile.passes import operands, rewrite
 from quartet_compile.passes.report import GraphReport
 
 log = logging.getLogger("quartet_compile")
@@ -97,7 +97,7 @@ def compile_graph(
             for i, (node, x) in enumerate(zip(placeholders, inputs, strict=True))
             if isinstance(x, torch.nn.Parameter) and not _is_sharded(node, x)
         }
-        modules = {match.module_name(n) for n in piece.graph.nodes} - {""}
+        modules = {operands.module_name(n) for n in piece.graph.nodes} - {""}
         skipped = sorted(m for m in modules if rewrite.skip_pattern(m, config))
         patches = {
             **(config_patches or {}),
@@ -147,7 +147,9 @@ def _run_eagerly(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **_: A
 def _source_name(node: torch.fx.Node) -> str:
     source = getattr(node.meta.get("grapharg"), "source", None)
     return (
-        match.dotted(source.name) if isinstance(getattr(source, "name", None), str) else node.name
+        operands.dotted(source.name)
+        if isinstance(getattr(source, "name", None), str)
+        else node.name
     )
 
 

@@ -19,6 +19,10 @@ class QuartetConfig:
     skip: module-name patterns (fnmatch, matched against the dotted module path and its last part)
         whose linears stay in high precision; by default the output projection.
     forward / backward: which matmuls to rewrite.
+    keep_output_head / keep_router: keep in high precision, whatever its name, the output head
+        (a weight tied to an embedding, or the final vocabulary projection) and a mixture of
+        experts' router (its output picks the experts); passes/structure.py says how they are
+        recognised.
     min_dim: K and N below this stay in high precision (tiny layers gain nothing).
     inductor: False runs the rewritten AOTAutograd graphs eagerly instead of generating code
         (like backend="aot_eager"): to debug the pass apart from Inductor, and for fast CPU tests.
@@ -39,6 +43,8 @@ class QuartetConfig:
     skip: tuple[str, ...] = ("lm_head", "*.lm_head", "output")
     forward: bool = True
     backward: bool = True
+    keep_output_head: bool = True
+    keep_router: bool = True
     min_dim: int = 128
     inductor: bool = True
     regional: bool = True

@@ -26,7 +26,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.split_module import split_module
 
-from quartet_compile.passes.match import dotted
+from quartet_compile.passes.operands import dotted
 
 log = logging.getLogger("quartet_compile")
 

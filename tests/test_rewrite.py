@@ -5,9 +5,9 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from quartet_compile.passes import rewrite
-from quartet_compile.passes.match import dotted, resolve
-from quartet_compile.passes.rewrite import inline_body
+from quartet_compile.passes import inline
+from quartet_compile.passes.inline import inline_body
+from quartet_compile.passes.operands import dotted, resolve
 
 q2 = torch.ops.quartet2
 
@@ -46,7 +46,7 @@ def test_inline_body_reuses_a_trace_per_call_signature_with_fresh_fake_values(
         return outs[0] + outs[1]
 
     x1, x2, w = torch.randn(128, 128), torch.randn(128, 128), torch.randn(256, 128)
-    monkeypatch.setattr(rewrite, "_TRACES", {})
+    monkeypatch.setattr(inline, "_TRACES", {})
     # Two graphs of the same program: the second (as the next block, compiled on its own) only
     # reuses traces, under its own fake mode.
     for _ in range(2):
@@ -57,7 +57,7 @@ def test_inline_body_reuses_a_trace_per_call_signature_with_fresh_fake_values(
             inline_body(gm.graph, node, fake_mode)
         gm.graph.lint()
         gm.recompile()
-        assert len(rewrite._TRACES) == 3  # quantize_fwd of [128, 128] and [256, 128], one gemm
+        assert len(inline._TRACES) == 3  # quantize_fwd of [128, 128] and [256, 128], one gemm
         nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
         vals = [n.meta["val"] for n in nodes if isinstance(n.meta["val"], torch.Tensor)]
         assert len({id(v) for v in vals}) == len(vals)
