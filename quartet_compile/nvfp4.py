@@ -551,6 +551,134 @@ def gemm_units(
     return (acc * a_tensor_scale * b_tensor_scale).to(out_dtype)
 
 
+# --------------------------------------------------------------------------------------------
+# Grouped (mixture-of-experts) GEMMs: torch._grouped_mm's segments of expert rows
+# --------------------------------------------------------------------------------------------
+
+# An integer dtype of each element size: pad_segments moves bits, so it serves every dtype
+# (torch has no CPU index_copy or scatter for float8 scales).
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def padded_segment_rows(rows: int, experts: int) -> int:
+    """The static row count of ``pad_segments``' output, for ``rows`` rows and ``experts``
+    segments: 128 * floor((S + 127 * min(E, S)) / 128).
+
+    An upper bound of sum_e round_up(S_e, 128) over any segment sizes S_e with sum S_e <= S: at
+    most k = min(E, S) segments are not empty, each of them gains fewer than 128 rows, so the sum
+    is at most S + 127 k, and it is a multiple of 128. k - 1 segments of 129 rows and one of the
+    rest reach it, whenever S leaves room for them. Symbolic sizes work too (torch.sym_min).
+    """
+    block = HADAMARD_BLOCK
+    return block * ((rows + (block - 1) * torch.sym_min(experts, rows)) // block)
+
+
+def check_offs(offs: torch.Tensor, device: torch.device) -> None:
+    """``offs``: the segment ends of torch._grouped_mm, one per expert, next to the operand."""
+    if offs.dim() != 1 or offs.shape[0] == 0 or offs.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"offs must be a 1-D int32 or int64 tensor of segment ends, one per expert, got "
+            f"{offs.dtype}{tuple(offs.shape)}"
+        )
+    if offs.device != device:
+        raise ValueError(f"offs is on {offs.device}, its operand on {device}")
+
+
+def check_segments(x: torch.Tensor, offs: torch.Tensor) -> None:
+    if x.dim() != 2 or x.element_size() not in _BITS:
+        raise ValueError(
+            f"pad_segments takes 2-D rows of 1, 2, 4 or 8-byte elements, got "
+            f"{x.dtype}{tuple(x.shape)}"
+        )
+    check_offs(offs, x.device)
+
+
+def pad_segments(x: torch.Tensor, offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's segment of rows of ``x`` (segment e ends at row ``offs[e]``) moved to a
+    start that is a multiple of 128, zero rows between segments and after the last; returns the
+    ``[padded_segment_rows(S, E), C]`` rows and the padded segment ends ``cumsum(round_up(S_e,
+    128))`` (int32).
+
+    So the backward's 128-row rotations along the token dim never mix two experts, and each
+    expert's tokens are zero-padded to a multiple of 128 (exact: SPEC 3). Rows at or past
+    ``offs[-1]`` belong to no expert and are dropped. A gather (each output row is a source row
+    or zero) with a static shape and no host synchronisation; it moves bits as integers, so any
+    dtype works (NVFP4 codes, float8 scales). Ends are clamped into [0, S] and segment sizes at
+    0, so no ``offs`` makes it read outside ``x``.
+    """
+    check_segments(x, offs)
+    rows, experts = x.shape[0], offs.shape[0]
+    ends = offs.to(torch.int64).clamp(0, rows)
+    sizes = ends.diff(prepend=ends.new_zeros(1)).clamp(min=0)
+    padded_sizes = (sizes + HADAMARD_BLOCK - 1) // HADAMARD_BLOCK * HADAMARD_BLOCK
+    padded_ends = padded_sizes.cumsum(0)
+    out_row = torch.arange(padded_segment_rows(rows, experts), device=x.device)
+    segment = torch.searchsorted(padded_ends, out_row, right=True)  # E: past the last segment
+    e = segment.clamp(max=experts - 1)
+    src = out_row - (padded_ends - padded_sizes)[e] + (ends - sizes)[e]
+    inside = (segment < experts) & (src < ends[e])
+    bits = x.view(_BITS[x.element_size()]).index_select(0, torch.where(inside, src, 0))
+    padded = torch.where(inside[:, None], bits, 0).view(x.dtype)
+    return padded, padded_ends.to(torch.int32)
+
+
+def grouped_gemm_shape(
+    a_units: torch.Tensor, b_units: torch.Tensor, offs: torch.Tensor
+) -> list[int]:
+    """Output shape of ``grouped_gemm_units``: [S, Nout] (rows grouped, b 3-D) or [E, Nout, M]
+    (reduction grouped, b 2-D)."""
+    if b_units.dim() == 3:
+        return [a_units.shape[0], b_units.shape[1]]
+    return [offs.shape[0], a_units.shape[0], b_units.shape[0]]
+
+
+def finish_grouped(
+    acc: torch.Tensor,
+    a_tensor_scale: torch.Tensor,
+    b_tensor_scale: torch.Tensor,
+    offs: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """A torch._grouped_mm product of units times one tensor scale, then the other (in float32,
+    as ``gemm_units``), in ``out_dtype``, zero outside every segment.
+
+    torch._grouped_mm leaves the rows at or past ``offs[-1]`` unwritten, and CUTLASS's grouped
+    kernels may write stale accumulators for an empty reduction segment (NVIDIA/cutlass#2674,
+    pytorch/pytorch#172439): those outputs are selected away, never multiplied (they may be NaN).
+    """
+    ends = offs.to(torch.int64)
+    if acc.dim() == 2:  # rows grouped: rows before offs[-1] belong to an expert
+        inside = (torch.arange(acc.shape[0], device=acc.device) < ends[-1])[:, None]
+    else:  # reduction grouped: one output per expert, zero for an empty segment
+        inside = (ends.diff(prepend=ends.new_zeros(1)) > 0)[:, None, None]
+    scaled = acc.to(torch.float32) * a_tensor_scale * b_tensor_scale
+    return torch.where(inside, scaled, 0.0).to(out_dtype)
+
+
+def grouped_gemm_units(
+    a_units: torch.Tensor,
+    a_tensor_scale: torch.Tensor,
+    b_units: torch.Tensor,
+    b_tensor_scale: torch.Tensor,
+    offs: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``gemm_units`` per expert segment, in torch._grouped_mm's two forms (offs: segment ends):
+
+    - rows grouped: a [S, R], b [E, Nout, R] -> [S, Nout], rows of segment e = a[rows] @ b[e].T;
+      rows at or past offs[-1] are zero.
+    - reduction grouped: a [Nout, P], b [M, P] -> [E, Nout, M], out[e] = a[:, seg e] @
+      b[:, seg e].T; zero for an empty segment.
+
+    Exact float32 products of the unit values (float32 torch._grouped_mm), summed in float32.
+    The reduction dim must not be empty (torch._grouped_mm rejects it; the op handles it).
+    """
+    a = a_units.to(torch.float32, memory_format=torch.contiguous_format)
+    b = b_units.to(torch.float32, memory_format=torch.contiguous_format)
+    acc = torch._grouped_mm(a, b.transpose(-2, -1), offs.to(torch.int32))
+    return finish_grouped(acc, a_tensor_scale, b_tensor_scale, offs, out_dtype)
+
+
 ROUNDTRIP_METHODS = ("rtn", "four_over_six", "sr", "eden")
 
 

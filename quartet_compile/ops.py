@@ -19,6 +19,13 @@ Ops (all 2-D, quantization groups along the last dim of every output):
 - ``requant(codes, scales, tensor_scale, signs, seed, method)``: the same for deq(triple).T.
 - ``gemm(a_units, a_tensor_scale, b_units, b_tensor_scale, out_dtype)``: deq(a) @ deq(b).T,
   float32 accumulation.
+- ``pad_segments(x[S,C], offs[E]) -> (padded[P,C], padded_offs[E])``: mixture-of-experts rows
+  (sorted by expert, segment e ending at offs[e]) moved to 128-aligned segments, zero-padded
+  (P static: ``nvfp4.padded_segment_rows``), so the backward's token-dim rotations stay within
+  one expert.
+- ``grouped_gemm(a_units, a_tensor_scale, b_units, b_tensor_scale, offs, out_dtype)``: ``gemm``
+  per expert segment in torch._grouped_mm's two forms: rows grouped (b [E, Nout, R] -> [S, Nout])
+  or reduction grouped (b [M, P] -> [E, Nout, M]); zero outside every segment.
 - ``check_finite(tensors, names, num_inputs, origin, layer, matmul, op)``: the debug check of
   ``options={"check_finite": True}``. Unlike the others it is a plain ``custom_op`` (Inductor
   keeps it as an extern call and never inlines it), returns nothing, is registered as
@@ -171,22 +178,152 @@ def _(a_units, a_tensor_scale, b_units, b_tensor_scale, out_dtype):
     return a_units.new_empty((a_units.shape[0], b_units.shape[0]), dtype=out_dtype)
 
 
+def _check_operand(
+    op: str, name: str, units: torch.Tensor, tensor_scale: torch.Tensor, dims: tuple[int, ...]
+) -> None:
+    if units.dtype != torch.bfloat16 or units.dim() not in dims:
+        rank = " or ".join(f"{d}-D" for d in dims)
+        raise TypeError(
+            f"{op} operand {name} must be the {rank} bfloat16 units of a quantizer op, got "
+            f"{units.dtype}{tuple(units.shape)}"
+        )
+    if tensor_scale.dim() != 0 or tensor_scale.dtype != torch.float32:
+        raise TypeError(
+            f"{name}_tensor_scale must be a 0-d float32 tensor, got "
+            f"{tensor_scale.dtype}{tuple(tensor_scale.shape)}"
+        )
+
+
 def _check_units(
     a_units: torch.Tensor,
     a_tensor_scale: torch.Tensor,
     b_units: torch.Tensor,
     b_tensor_scale: torch.Tensor,
 ) -> None:
-    for name, t, ts in (("a", a_units, a_tensor_scale), ("b", b_units, b_tensor_scale)):
-        if t.dtype != torch.bfloat16 or t.dim() != 2:
-            raise TypeError(
-                f"gemm operand {name} must be the 2-D bfloat16 units of a quantizer op, got "
-                f"{t.dtype}{tuple(t.shape)}"
-            )
-        if ts.dim() != 0 or ts.dtype != torch.float32:
-            raise TypeError(f"{name}_tensor_scale must be a 0-d float32 tensor, got {ts.dtype}")
+    _check_operand("gemm", "a", a_units, a_tensor_scale, (2,))
+    _check_operand("gemm", "b", b_units, b_tensor_scale, (2,))
     if a_units.shape[1] != b_units.shape[1]:
         raise ValueError(f"gemm operands disagree on K: {a_units.shape[1]} vs {b_units.shape[1]}")
+
+
+# --------------------------------------------------------------------------------------------
+# pad_segments, grouped_gemm: mixture-of-experts expert GEMMs (torch._grouped_mm)
+# --------------------------------------------------------------------------------------------
+
+
+@triton_op("quartet2::pad_segments", mutates_args=())
+def pad_segments(x: torch.Tensor, offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Plain torch ops on every device: on CUDA Inductor compiles the gather into its own code.
+    return nvfp4.pad_segments(x, offs)
+
+
+@pad_segments.register_fake
+def _(x: torch.Tensor, offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    nvfp4.check_segments(x, offs)
+    rows = nvfp4.padded_segment_rows(x.shape[0], offs.shape[0])
+    return x.new_empty((rows, x.shape[1])), offs.new_empty(offs.shape, dtype=torch.int32)
+
+
+@triton_op("quartet2::grouped_gemm", mutates_args=())
+def grouped_gemm(
+    a_units: torch.Tensor,
+    a_tensor_scale: torch.Tensor,
+    b_units: torch.Tensor,
+    b_tensor_scale: torch.Tensor,
+    offs: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    _check_grouped_units(a_units, a_tensor_scale, b_units, b_tensor_scale, offs)
+    if a_units.shape[1] == 0:  # empty sums, which torch._grouped_mm rejects
+        shape = nvfp4.grouped_gemm_shape(a_units, b_units, offs)
+        return a_units.new_zeros(shape, dtype=out_dtype)
+    if a_units.is_cuda:
+        acc = _grouped_mm_cuda(a_units, b_units, offs.to(torch.int32))
+        return nvfp4.finish_grouped(acc, a_tensor_scale, b_tensor_scale, offs, out_dtype)
+    return grouped_gemm_reference(a_units, a_tensor_scale, b_units, b_tensor_scale, offs, out_dtype)
+
+
+@torch.library.custom_op("quartet2::grouped_gemm_reference", mutates_args=())
+def grouped_gemm_reference(
+    a_units: torch.Tensor,
+    a_tensor_scale: torch.Tensor,
+    b_units: torch.Tensor,
+    b_tensor_scale: torch.Tensor,
+    offs: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``grouped_gemm``'s CPU body, ``nvfp4.grouped_gemm_units``, as an opaque op.
+
+    The reference multiplies float32 units with torch._grouped_mm (the CPU op takes no float32
+    output for bf16 inputs), and torch._grouped_mm's meta function takes bf16 inputs only
+    (``_meta_grouped_mm_common`` in torch/_meta_registrations.py, torch 2.13): traced with fake
+    tensors (torch.compile, AOTAutograd) the body would fail, the opaque call does not.
+    """
+    return nvfp4.grouped_gemm_units(
+        a_units, a_tensor_scale, b_units, b_tensor_scale, offs, out_dtype
+    )
+
+
+@grouped_gemm.register_fake
+@grouped_gemm_reference.register_fake
+def _(a_units, a_tensor_scale, b_units, b_tensor_scale, offs, out_dtype):
+    _check_grouped_units(a_units, a_tensor_scale, b_units, b_tensor_scale, offs)
+    shape = nvfp4.grouped_gemm_shape(a_units, b_units, offs)
+    return a_units.new_empty(shape, dtype=out_dtype)
+
+
+def _check_grouped_units(
+    a_units: torch.Tensor,
+    a_tensor_scale: torch.Tensor,
+    b_units: torch.Tensor,
+    b_tensor_scale: torch.Tensor,
+    offs: torch.Tensor,
+) -> None:
+    _check_operand("grouped_gemm", "a", a_units, a_tensor_scale, (2,))
+    _check_operand("grouped_gemm", "b", b_units, b_tensor_scale, (2, 3))
+    nvfp4.check_offs(offs, a_units.device)
+    shapes = f"a {tuple(a_units.shape)}, b {tuple(b_units.shape)}"
+    if a_units.shape[1] != b_units.shape[-1]:
+        raise ValueError(f"grouped_gemm operands disagree on the reduction dim: {shapes}")
+    if a_units.shape[1] % nvfp4.GROUP:
+        raise ValueError(
+            f"grouped_gemm's reduction dim must be a multiple of {nvfp4.GROUP}, as the units of "
+            f"a quantizer op are: {shapes}"
+        )
+    if b_units.dim() == 3 and b_units.shape[0] != offs.shape[0]:
+        raise ValueError(
+            f"grouped_gemm: b holds {b_units.shape[0]} experts, offs {offs.shape[0]} segments"
+        )
+    if b_units.dim() == 2 and (a_units.shape[0] % 8 or b_units.shape[0] % 8):
+        raise ValueError(
+            f"grouped_gemm with the reduction grouped needs the rows of a and b in multiples of "
+            f"8 (16-byte strides of the CUDA kernel's layout, see _grouped_mm_cuda): {shapes}"
+        )
+
+
+def _grouped_mm_cuda(
+    a_units: torch.Tensor, b_units: torch.Tensor, offs: torch.Tensor
+) -> torch.Tensor:
+    """torch._grouped_mm of the bf16 units (int32 ``offs``), in bf16.
+
+    Its CUDA op takes no float32 output for bf16 inputs (torch 2.11 and since:
+    ``_resolve_grouped_mm_out_dtype`` in aten/src/ATen/native/GroupedMMUtils.h), so the float32
+    accumulator is rounded to bf16 before the tensor scales multiply it (``finish_grouped``):
+    a bf16 output is rounded twice, as the dense gemm's, and a float32 one holds bf16
+    precision. bf16 in and out on sm_90/sm_100 run CUTLASS's grouped kernel with no host
+    synchronisation (GroupedBlas.cpp); on other GPUs torch loops over mm and syncs.
+
+    Layouts (GroupMM.cu, GroupMMCommon.cuh): 16-byte aligned data, each operand with one unit
+    stride and the other a multiple of 16 bytes. Rows grouped: a row-major, b [E, R, Nout]
+    column-major (a linear weight's own layout). Reduction grouped: both operands with P
+    outermost (a column-major, b row-major), torch's own weight-gradient layout; in every other
+    one the kernel asserts on the device that no segment is empty and that all but the last are
+    multiples of 8 elements, and a device assert ends the process. That costs a transposed copy
+    of each operand, unless it is the transposed view of a P-major tensor already.
+    """
+    if b_units.dim() == 3:
+        return torch._grouped_mm(a_units.contiguous(), b_units.contiguous().mT, offs)
+    return torch._grouped_mm(a_units.T.contiguous().T, b_units.T.contiguous(), offs)
 
 
 # --------------------------------------------------------------------------------------------
