@@ -99,3 +99,16 @@ class TinyLlama(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.lm_head(self.norm(x))
+
+
+class Experts(nn.Module):
+    """Mixture-of-experts expert weights multiplied per token segment, as torchtitan's MoE and
+    Hugging Face's "grouped_mm" experts do: W[E, N, K], ``x[S, K] @ W[e].T`` for the rows of
+    expert e (rows sorted by expert; ``offs[e]`` ends expert e's segment)."""
+
+    def __init__(self, experts: int, k: int, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, n, k) / k**0.5)
+
+    def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(x, self.weight.transpose(-2, -1), offs)

@@ -8,7 +8,7 @@ import re
 
 import torch
 from expecttest import TestCase
-from models import MLP, TinyLlama
+from models import MLP, Experts, TinyLlama
 from torch import nn
 
 import quartet_compile
@@ -72,6 +72,76 @@ class RewrittenGraphs(TestCase):
 %gemm_default_1: float32[128, 128] = quartet2.gemm.default(%getitem_11, %getitem_10, %getitem_15, %getitem_14, float32)
 %permute_4: float32[256, 128] = permute.default(%permute_2, [1, 0])
 return [%gemm_default, %permute_4, %gemm_default_1]""",
+        )
+
+    def test_grouped_experts(self) -> None:
+        """Mixture-of-experts weights through ``aten._grouped_mm`` (passes/forms/grouped.py)."""
+        torch.manual_seed(0)
+        model = Experts(2, 128, 128).to(torch.bfloat16)
+        x = torch.randn(192, 128, dtype=torch.bfloat16, requires_grad=True)
+        offs = torch.tensor([64, 192], dtype=torch.int32)
+        self.assertExpectedInline(
+            joint_graph(model, x, offs),
+            """\
+%primals_1: bfloat16[2, 128, 128] = input
+%primals_2: bfloat16[192, 128] = input
+%primals_3: int32[2] = input
+%tangents_1: bfloat16[192, 128] = input
+%view_default: bfloat16[256, 128] = view.default(%primals_1, [256, 128])
+%abs_default: bfloat16[192, 128] = abs.default(%primals_2)
+%amax_default: bfloat16[] = amax.default(%abs_default, [])
+%convert_element_type_default: float32[] = prims.convert_element_type.default(%amax_default, float32)
+%quantize_fwd_default: (uint8[192, 64], float8_e4m3fn[192, 8], float32[], bfloat16[192, 128]) = quartet2.quantize_fwd.default(%primals_2, %convert_element_type_default, True)
+%getitem: uint8[192, 64] = getitem(%quantize_fwd_default, 0)
+%getitem_1: float8_e4m3fn[192, 8] = getitem(%quantize_fwd_default, 1)
+%getitem_2: float32[] = getitem(%quantize_fwd_default, 2)
+%getitem_3: bfloat16[192, 128] = getitem(%quantize_fwd_default, 3)
+%abs_default_1: bfloat16[256, 128] = abs.default(%view_default)
+%amax_default_1: bfloat16[] = amax.default(%abs_default_1, [])
+%convert_element_type_default_1: float32[] = prims.convert_element_type.default(%amax_default_1, float32)
+%quantize_fwd_default_1: (uint8[256, 64], float8_e4m3fn[256, 8], float32[], bfloat16[256, 128]) = quartet2.quantize_fwd.default(%view_default, %convert_element_type_default_1, True)
+%getitem_4: uint8[256, 64] = getitem(%quantize_fwd_default_1, 0)
+%getitem_5: float8_e4m3fn[256, 8] = getitem(%quantize_fwd_default_1, 1)
+%getitem_6: float32[] = getitem(%quantize_fwd_default_1, 2)
+%getitem_7: bfloat16[256, 128] = getitem(%quantize_fwd_default_1, 3)
+%view_default_1: bfloat16[2, 128, 128] = view.default(%getitem_7, [2, 128, 128])
+%grouped_gemm_default: bfloat16[192, 128] = quartet2.grouped_gemm.default(%getitem_3, %getitem_2, %view_default_1, %getitem_6, %primals_3, bfloat16)
+%randint_low: float32[2, 128] = randint.low(0, 2, [2, 128], dtype=float32, device=cpu)
+%mul_tensor: float32[2, 128] = mul.Tensor(%randint_low, 2.0)
+%sub_tensor: float32[2, 128] = sub.Tensor(%mul_tensor, 1.0)
+%randint_low_1: int64[4] = randint.low(0, 2147483647, [4], dtype=int64, device=cpu)
+%select_int_3: float32[128] = select.int(%sub_tensor, 0, 1)
+%select_int_4: int64[] = select.int(%randint_low_1, 0, 2)
+%select_int_5: int64[] = select.int(%randint_low_1, 0, 3)
+%pad_segments_default: (bfloat16[384, 128], int32[2]) = quartet2.pad_segments.default(%tangents_1, %primals_3)
+%getitem_16: bfloat16[384, 128] = getitem(%pad_segments_default, 0)
+%getitem_17: int32[2] = getitem(%pad_segments_default, 1)
+%rht_eden_default_1: (uint8[128, 192], float8_e4m3fn[128, 24], float32[], bfloat16[128, 384]) = quartet2.rht_eden.default(%getitem_16, %select_int_3, %select_int_4, True, 'eden')
+%getitem_20: float32[] = getitem(%rht_eden_default_1, 2)
+%getitem_21: bfloat16[128, 384] = getitem(%rht_eden_default_1, 3)
+%pad_segments_default_1: (uint8[384, 64], int32[2]) = quartet2.pad_segments.default(%getitem, %primals_3)
+%getitem_22: uint8[384, 64] = getitem(%pad_segments_default_1, 0)
+%pad_segments_default_2: (float8_e4m3fn[384, 8], int32[2]) = quartet2.pad_segments.default(%getitem_1, %primals_3)
+%getitem_24: float8_e4m3fn[384, 8] = getitem(%pad_segments_default_2, 0)
+%requant_default_1: (uint8[128, 192], float8_e4m3fn[128, 24], float32[], bfloat16[128, 384]) = quartet2.requant.default(%getitem_22, %getitem_24, %getitem_2, %select_int_3, %select_int_5, 'eden')
+%getitem_28: float32[] = getitem(%requant_default_1, 2)
+%getitem_29: bfloat16[128, 384] = getitem(%requant_default_1, 3)
+%grouped_gemm_default_2: bfloat16[2, 128, 128] = quartet2.grouped_gemm.default(%getitem_21, %getitem_20, %getitem_29, %getitem_28, %getitem_17, bfloat16)
+%permute_2: bfloat16[2, 128, 128] = permute.default(%grouped_gemm_default_2, [0, 2, 1])
+%select_int: float32[128] = select.int(%sub_tensor, 0, 0)
+%select_int_1: int64[] = select.int(%randint_low_1, 0, 0)
+%select_int_2: int64[] = select.int(%randint_low_1, 0, 1)
+%rht_eden_default: (uint8[192, 64], float8_e4m3fn[192, 8], float32[], bfloat16[192, 128]) = quartet2.rht_eden.default(%tangents_1, %select_int, %select_int_1, False, 'eden')
+%getitem_10: float32[] = getitem(%rht_eden_default, 2)
+%getitem_11: bfloat16[192, 128] = getitem(%rht_eden_default, 3)
+%requant_default: (uint8[128, 128], float8_e4m3fn[128, 16], float32[], bfloat16[128, 256]) = quartet2.requant.default(%getitem_4, %getitem_5, %getitem_6, %select_int, %select_int_2, 'eden')
+%getitem_14: float32[] = getitem(%requant_default, 2)
+%getitem_15: bfloat16[128, 256] = getitem(%requant_default, 3)
+%view_default_2: bfloat16[128, 2, 128] = view.default(%getitem_15, [128, 2, 128])
+%permute_default: bfloat16[2, 128, 128] = permute.default(%view_default_2, [1, 0, 2])
+%grouped_gemm_default_1: bfloat16[192, 128] = quartet2.grouped_gemm.default(%getitem_11, %getitem_10, %permute_default, %getitem_14, %primals_3, bfloat16)
+%permute_4: bfloat16[2, 128, 128] = permute.default(%permute_2, [0, 2, 1])
+return [%grouped_gemm_default, %permute_4, %grouped_gemm_default_1, None]""",
         )
 
     def test_mlp_with_bias_and_gelu(self) -> None:
