@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call that installs the project, runs the GPU test suite and the GPU benchmarks.
 # Usage on the device machine (from the repo root, with .whl carried for expecttest):
-#   bash benchmarks/device_suite.sh [tests|kernels|linear|model|train|real|grad ...]
+#   bash benchmarks/device_suite.sh [tests|kernels|linear|model|train|real|moe|grad ...]
 #   (default: tests kernels linear real)
 # Logs and RESULTS.md land in $OUT (or ./device-out when OUT is unset).
 set -uo pipefail
@@ -29,6 +29,9 @@ for step in "${steps[@]}"; do
         train) python3 benchmarks/train_compare.py 2>&1 | tee "$out/train.log" | tail -30 ;;
         real) python3 benchmarks/real_models.py --json "$out/real_models.json" 2>&1 |
             tee "$out/real_models.log" | tail -30 ;;
+        moe) python3 benchmarks/real_models.py --models qwen3_moe --dtype bf16-params \
+            --section "Real models: mixture of experts" --time-budget 300 \
+            --json "$out/real_models_moe.json" 2>&1 | tee "$out/real_models_moe.log" | tail -30 ;;
         grad) python3 benchmarks/grad_error.py --json "$out/grad_error.json" --results 2>&1 |
             tee "$out/grad_error.log" | tail -40 ;;
         *) echo "unknown step $step" ;;

@@ -105,13 +105,42 @@ def qwen3(tiny: bool) -> PretrainedConfig:
     return Qwen3Config(vocab_size=256, head_dim=64, max_position_embeddings=1024, **size, **heads)
 
 
+def qwen3_moe(tiny: bool) -> PretrainedConfig:
+    """Qwen3-MoE (165M parameters, 28M active per token): 8 experts, top-2, in every layer; the
+    experts are 3-D parameters multiplied by grouped_mm (passes/forms/grouped.py)."""
+    from transformers import Qwen3MoeConfig
+
+    if tiny:
+        size = {"hidden_size": 128, "moe_intermediate_size": 128, "num_hidden_layers": 2}
+        heads = {"num_attention_heads": 2, "num_key_value_heads": 1}
+    else:
+        size = {"hidden_size": 768, "moe_intermediate_size": 1024, "num_hidden_layers": 8}
+        heads = {"num_attention_heads": 12, "num_key_value_heads": 4}
+    return Qwen3MoeConfig(
+        vocab_size=256,
+        head_dim=64,
+        max_position_embeddings=1024,
+        num_experts=8,
+        num_experts_per_tok=2,
+        intermediate_size=size["moe_intermediate_size"],
+        **size,
+        **heads,
+    )
+
+
 # name -> config factory (tiny=True: a 2-layer, 128-wide variant for CPU tests). The factories
 # import their config classes, so a transformers release without one fails only that model.
 MODELS: dict[str, Callable[[bool], PretrainedConfig]] = {
     "llama": llama,
     "gpt2": gpt2,
     "qwen3": qwen3,
+    "qwen3_moe": qwen3_moe,
 }
+DEFAULT_MODELS = ("llama", "gpt2", "qwen3")
+# Hugging Face runs experts through torch's grouped_mm only for bf16 weights under
+# torch.compile; with float32 ones it falls back to a loop that reads the offsets on the host
+# (aten._local_scalar_dense), which graph-breaks. These models need --dtype bf16-params.
+NEEDS_BF16_PARAMS = ("qwen3_moe",)
 
 
 @dataclass(frozen=True)
@@ -583,7 +612,9 @@ def record(settings: Settings, argv: list[str], results: list[RunResult]) -> dic
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
+    parser.add_argument(
+        "--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, of {list(MODELS)}"
+    )
     parser.add_argument(
         "--backends",
         default="quartet2,bf16",
@@ -612,6 +643,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds for all runs together, compilation included (0: no limit)",
     )
     parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md untouched")
+    parser.add_argument("--section", default=SECTION, help="the RESULTS.md section to write")
     parser.add_argument("--json", type=Path, help="write every run's numbers here")
     args = parser.parse_args(argv)
     for option, names, valid in (
@@ -621,6 +653,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = set(names.split(",")) - set(valid)
         if unknown:
             parser.error(f"unknown --{option} {sorted(unknown)}; choose from {list(valid)}")
+    needs = sorted(set(args.models.split(",")) & set(NEEDS_BF16_PARAMS))
+    if needs and args.dtype != "bf16-params":
+        parser.error(
+            f"{needs} need --dtype bf16-params: transformers multiplies experts with grouped_mm "
+            "only for bf16 weights under torch.compile (float32 ones graph-break on a host sync)"
+        )
     return args
 
 
@@ -641,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     body = f"{describe(settings, argv, results)}\n\n{table(results)}\n\n{headline(results)}\n"
     print(body, flush=True)
     if not args.no_write:
-        write_section(SECTION, body)
+        write_section(args.section, body)
     if args.json:
         args.json.write_text(json.dumps(record(settings, argv, results), indent=1))
     return 1 if any(r.failure for r in results) else 0

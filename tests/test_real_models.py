@@ -43,7 +43,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("name", list(real_models.MODELS))
+@pytest.mark.parametrize("name", real_models.DEFAULT_MODELS)
 def test_tiny_models_train_finite_under_both_backends_from_the_same_weights(name, data):
     quartet2, bf16 = real_models.run_all(TINY, [name], ["quartet2", "bf16"], data, budget_s=None)
     for run in (quartet2, bf16):
@@ -53,6 +53,15 @@ def test_tiny_models_train_finite_under_both_backends_from_the_same_weights(name
     assert quartet2.losses[0] == pytest.approx(bf16.losses[0], rel=1e-2)
     assert quartet2.nvfp4_matmuls == NVFP4_MATMULS[name]
     assert bf16.nvfp4_matmuls == 0
+
+
+def test_moe_models_are_refused_without_bf16_parameters(capsys) -> None:
+    """tests/test_grouped_experts.py trains a tiny Qwen3-MoE; here only the CLI's guard."""
+    with pytest.raises(SystemExit):
+        real_models.parse_args(["--models", "qwen3_moe"])
+    assert "--dtype bf16-params" in capsys.readouterr().err
+    args = real_models.parse_args(["--models", "qwen3_moe", "--dtype", "bf16-params"])
+    assert real_models.MODELS[args.models](True).num_experts == 8
 
 
 def test_a_nan_gradient_fails_the_run_and_names_the_parameter(monkeypatch, tmp_path, capsys):
