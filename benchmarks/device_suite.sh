@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call that installs the project, runs the GPU test suite and the GPU benchmarks.
 # Usage on the device machine (from the repo root, with .whl carried for expecttest):
-#   bash benchmarks/device_suite.sh [tests|kernels|linear|model|train|real|moe|grad ...]
+#   bash benchmarks/device_suite.sh [tests|kernels|linear|model|train|real|moe|grad|trainers ...]
 #   (default: tests kernels linear real)
 # Logs and RESULTS.md land in $OUT (or ./device-out when OUT is unset).
 set -uo pipefail
@@ -34,6 +34,8 @@ for step in "${steps[@]}"; do
             --json "$out/real_models_moe.json" 2>&1 | tee "$out/real_models_moe.log" | tail -30 ;;
         grad) python3 benchmarks/grad_error.py --json "$out/grad_error.json" --results 2>&1 |
             tee "$out/grad_error.log" | tail -40 ;;
+        trainers) python3 benchmarks/trainers.py --results --json "$out/trainers.json" 2>&1 |
+            tee "$out/trainers.log" | tail -30 ;;
         *) echo "unknown step $step" ;;
     esac
     status=$?
