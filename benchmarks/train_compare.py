@@ -28,6 +28,7 @@ import torch
 
 from quartet_demo.demo import PRESETS
 from quartet_demo.run_log import read_log
+from quartet_demo.sources import STDLIB
 from quartet_demo.training import BACKENDS, LOG_NAME, SUMMARY_NAME
 from results import write_section
 
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--corpus",
-        default="stdlib",
+        default=STDLIB,
         help="the demo's --corpus: stdlib, site-packages, a directory or a quoted glob",
     )
     parser.add_argument(

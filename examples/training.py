@@ -27,6 +27,7 @@ from quartet_demo import distributed as dist_training
 from quartet_demo.distributed import SINGLE_PROCESS, World
 from quartet_demo.models.llama import Llama, LlamaConfig
 from quartet_demo.run_log import CsvLog
+from quartet_demo.sources import STDLIB
 
 # torch.compile arguments of each backend the demo compares; all run under BF16 autocast with
 # FP32 master weights, so the only difference is how the linear layers' matmuls are computed.
@@ -63,7 +64,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     val_fraction: float = 0.05
-    corpus: str = "stdlib"  # quartet_demo.sources.find_sources
+    corpus: str = STDLIB  # quartet_demo.sources.find_sources
     eval_batches: int = 8
     out_dir: Path = Path("runs/demo")
     eval_every: int = 50
