@@ -8,16 +8,17 @@ given through ``compile_fx(..., config_patches=...)`` rather than a ``with confi
 because AOTAutograd compiles the backward lazily, at the first backward call, outside any
 ``with``. The same hook and call path exist on torch 2.11 (DESIGN.md: seen there too).
 
-The pass is a ``CustomGraphPass`` whose ``uuid`` hashes the sources of the passes, ops and
-kernels, the config and which inputs are parameters: Inductor's FX and AOTAutograd caches stay on
-and are invalidated by any of them. On a cache hit the pass does not run; the log says so.
+The pass is a ``CustomGraphPass`` whose ``uuid`` hashes the sources of every module of the
+package (its subpackages included), the config and which inputs are parameters: Inductor's FX and
+AOTAutograd caches stay on and are invalidated by any of them. On a cache hit the pass does not
+run; the log says so.
 """
 
 from __future__ import annotations
 
 import logging
+import pkgutil
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,18 +27,28 @@ from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from quartet_compile import config as config_module
-from quartet_compile import kernel_analysis, kernels, nvfp4, ops, passes, regional
+import quartet_compile
+from quartet_compile import kernel_analysis, kernels, passes, regional
 from quartet_compile.config import QuartetConfig
 from quartet_compile.passes import operands, rewrite
 from quartet_compile.passes.report import GraphReport
 
 log = logging.getLogger("quartet_compile")
 
-# Everything the rewritten graphs depend on: a change to any of them must miss Inductor's caches.
-_SOURCES = tuple(
-    sorted(str(f) for pkg in (passes, kernels) for f in Path(pkg.__file__).parent.glob("*.py"))
-) + tuple(str(Path(module.__file__)) for module in (config_module, nvfp4, ops, regional))
+# The package and the subpackages installed from directories of their own (pyproject.toml's
+# package-dir): walking them finds every module, so a new one cannot serve stale compiled code.
+_PACKAGES = (quartet_compile, passes, kernels)
+
+
+def sources() -> tuple[str, ...]:
+    """Every module file of the package: a change to any of them must miss Inductor's caches."""
+    files = {
+        module.module_finder.find_spec(module.name).origin
+        for package in _PACKAGES
+        for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")
+    }
+    files |= {package.__file__ for package in _PACKAGES}
+    return tuple(sorted(f for f in files if f and f.endswith(".py")))
 
 
 class QuartetPass(CustomGraphPass):
@@ -65,7 +76,7 @@ class QuartetPass(CustomGraphPass):
 
     def uuid(self) -> bytes:
         extra = f"{self.config.cache_key()}|{sorted(self.params)}|{self.skipped}"
-        return get_hash_for_files(_SOURCES, extra)
+        return get_hash_for_files(sources(), extra)
 
 
 def _log_report(graph_report: GraphReport) -> None:
