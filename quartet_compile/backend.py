@@ -11,7 +11,7 @@ because AOTAutograd compiles the backward lazily, at the first backward call, ou
 The pass is a ``CustomGraphPass`` whose ``uuid`` hashes the sources of every module of the
 package (its subpackages included), the config and which inputs are parameters: Inductor's FX and
 AOTAutograd caches stay on and are invalidated by any of them. On a cache hit the pass does not
-run; the log says so.
+run; the report it wrote when it did is loaded instead (quartet_compile.report_cache).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 import quartet_compile
-from quartet_compile import kernel_analysis, kernels, passes, regional
+from quartet_compile import kernel_analysis, kernels, passes, regional, report_cache
 from quartet_compile.config import QuartetConfig
 from quartet_compile.passes import operands, rewrite
 from quartet_compile.passes.report import GraphReport
@@ -54,7 +54,7 @@ def sources() -> tuple[str, ...]:
 class QuartetPass(CustomGraphPass):
     """The joint-graph pass: rewrites linears in place and hands each graph's report on.
 
-    ``skipped`` names the graph's modules that a skip pattern keeps in high precision: with the
+    ``modules`` names the graph's modules that a skip pattern keeps in high precision: with the
     parameters' positions and the config it is all the rewrite depends on besides the graph, so
     the uuid holds those and not the parameter names, and repeated blocks share cache entries.
     """
@@ -63,75 +63,90 @@ class QuartetPass(CustomGraphPass):
         self,
         config: QuartetConfig,
         params: dict[int, str],
-        skipped: list[str],
+        modules: list[str],
         on_report: Callable[[GraphReport], None],
     ) -> None:
         self.config = config
         self.params = params
-        self.skipped = skipped
+        self.modules = modules
         self.on_report = on_report
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         self.on_report(rewrite.rewrite(graph, self.config, self.params))
 
     def uuid(self) -> bytes:
-        extra = f"{self.config.cache_key()}|{sorted(self.params)}|{self.skipped}"
-        return get_hash_for_files(sources(), extra)
+        return _uuid(self.config, self.params, self.modules)
 
 
-def _log_report(graph_report: GraphReport) -> None:
-    log.info("%s", graph_report)
+def _uuid(config: QuartetConfig, params: dict[int, str], modules: list[str]) -> bytes:
+    extra = f"{config.cache_key()}|{sorted(params)}|{modules}"
+    return get_hash_for_files(sources(), extra)
+
+
+def _log_report(graph_report: GraphReport, cached: bool) -> None:
+    if cached:
+        log.info(
+            "quartet2: compiled graph from the compile caches; its report, stored when the pass "
+            "ran:\n%s",
+            graph_report,
+        )
+    else:
+        log.info("%s", graph_report)
 
 
 def compile_graph(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
     config: QuartetConfig,
-    on_report: Callable[[GraphReport], None] = _log_report,
+    on_report: Callable[[GraphReport], None] | None = None,
     config_patches: dict[str, Any] | None = None,
 ) -> Callable[..., Any]:
     """Compile a Dynamo graph with Inductor and the quartet2 pass on its AOTAutograd graphs
-    (block by block when ``config.regional``)."""
-    kernel_analysis.install()
-    reports: list[GraphReport] = []
-    cached = 0  # graphs that AOTAutograd's cache served: the pass did not run on them
+    (block by block when ``config.regional``).
 
-    def record(graph_report: GraphReport) -> None:
-        reports.append(graph_report)
-        on_report(graph_report)
+    ``on_report`` receives each graph's report, written by the pass now or stored with a graph
+    that the caches serve; by default it is logged, marked when it came from the caches.
+    """
+    kernel_analysis.install()
+
+    def deliver(graph_report: GraphReport, cached: bool) -> None:
+        if on_report is None:
+            _log_report(graph_report, cached)
+        else:
+            on_report(graph_report)
 
     def compile_piece(piece: torch.fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
-        nonlocal cached
         placeholders = [n for n in piece.graph.nodes if n.op == "placeholder"]
         params = {
             i: _source_name(node)
             for i, (node, x) in enumerate(zip(placeholders, inputs, strict=True))
             if isinstance(x, torch.nn.Parameter) and not _is_sharded(node, x)
         }
-        modules = {operands.module_name(n) for n in piece.graph.nodes} - {""}
-        skipped = sorted(m for m in modules if rewrite.skip_pattern(m, config))
-        patches = {
-            **(config_patches or {}),
-            "joint_custom_pre_pass": QuartetPass(config, params, skipped, record),
-        }
+        modules = sorted({operands.module_name(n) for n in piece.graph.nodes} - {""})
+        modules = [m for m in modules if rewrite.skip_pattern(m, config)]
+        report_key = report_cache.key(piece, inputs, _uuid(config, params, modules))
+        names = report_cache.names(piece, params)
+        ran = False
+
+        def record(graph_report: GraphReport) -> None:
+            nonlocal ran
+            ran = True
+            report_cache.store(report_key, names, graph_report)
+            deliver(graph_report, cached=False)
+
+        quartet_pass = QuartetPass(config, params, modules, record)
+        patches = {**(config_patches or {}), "joint_custom_pre_pass": quartet_pass}
         inner = {} if config.inductor else {"inner_compile": _run_eagerly}
-        reported = len(reports)
         compiled = compile_fx(piece, inputs, config_patches=patches, **inner)
-        cached += len(reports) == reported
+        if not ran:  # AOTAutograd's cache served the graph: the pass did not run
+            graph_report = report_cache.load(report_key, names)
+            if graph_report is not None:
+                deliver(graph_report, cached=True)
         return compiled
 
     if config.regional:
-        compiled = regional.compile_regions(gm, example_inputs, compile_piece)
-    else:
-        compiled = compile_piece(gm, example_inputs)
-    if cached:
-        log.info(
-            "quartet2: %d graph(s) came from the compile caches (a model's repeated blocks reuse "
-            "the first block's), so their reports were not redone (options="
-            "{'force_disable_caches': True} shows them)",
-            cached,
-        )
-    return compiled
+        return regional.compile_regions(gm, example_inputs, compile_piece)
+    return compile_piece(gm, example_inputs)
 
 
 def _is_sharded(node: torch.fx.Node, x: torch.Tensor) -> bool:
