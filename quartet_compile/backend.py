@@ -54,9 +54,11 @@ def sources() -> tuple[str, ...]:
 class QuartetPass(CustomGraphPass):
     """The joint-graph pass: rewrites linears in place and hands each graph's report on.
 
-    ``modules`` names the graph's modules that a skip pattern keeps in high precision: with the
-    parameters' positions and the config it is all the rewrite depends on besides the graph, so
-    the uuid holds those and not the parameter names, and repeated blocks share cache entries.
+    ``modules`` are the module names the rewritten graph depends on: those a skip pattern keeps
+    in high precision, and with ``check_finite`` every one (each check names its layer). With the
+    parameters' positions and the config they are all the rewrite depends on besides the graph,
+    so the uuid holds those and not the parameter names, and repeated blocks share cache entries
+    (not under ``check_finite``: a block's checks must name its own layers).
     """
 
     def __init__(
@@ -123,7 +125,8 @@ def compile_graph(
             if isinstance(x, torch.nn.Parameter) and not _is_sharded(node, x)
         }
         modules = sorted({operands.module_name(n) for n in piece.graph.nodes} - {""})
-        modules = [m for m in modules if rewrite.skip_pattern(m, config)]
+        if not config.check_finite:
+            modules = [m for m in modules if rewrite.skip_pattern(m, config)]
         report_key = report_cache.key(piece, inputs, _uuid(config, params, modules))
         names = report_cache.names(piece, params)
         ran = False

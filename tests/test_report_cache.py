@@ -102,3 +102,13 @@ def test_a_missing_or_unreadable_report_is_logged_and_the_compile_goes_on(
     assert len(warnings) == 3
     assert "report is missing" in warnings[0]
     assert all("is unreadable (UnpicklingError: " in w for w in warnings[1:])
+
+
+def test_with_check_finite_each_block_compiles_its_own_checks(tmp_path: Path) -> None:
+    """A check names its layer in the graph, so a block served by another block's cache entry
+    would blame the other block's layer: under check_finite blocks do not share entries."""
+    with temporary_cache_dir(str(tmp_path)):
+        report = quartet_compile.explain(*example(), check_finite=True)
+    for block, graph in enumerate(report.graphs[1:]):
+        checks = [line for line in graph.graph.splitlines() if "check_finite" in line]
+        assert checks and all(f"'blocks.{block}.fc'" in line for line in checks)
