@@ -6,19 +6,20 @@ its class, its ``forward`` signature (which Hugging Face's Trainer reads to pick
 and its parameter names (so checkpoints are the model's own).
 """
 
-import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from logged_reports import logged_reports
 
 from quartet_compile.passes.report import GraphReport
 
 transformers = pytest.importorskip("transformers")
 
-# inductor=False: the rewritten graphs run eagerly (CPU-fast); regional=False: one report for the
-# whole model rather than the later blocks coming from the compile caches unreported.
+# inductor=False: the rewritten graphs run eagerly (CPU-fast); regional=False: one graph, and one
+# report, for the whole model.
 OPTIONS = {"inductor": False, "regional": False}
 LAYERS, LINEARS_PER_LAYER = 2, 7  # q, k, v, o, gate, up, down
 
@@ -49,23 +50,10 @@ class _Bytes(torch.utils.data.Dataset):
 
 
 @pytest.fixture
-def reports() -> list[GraphReport]:
+def reports() -> Iterator[list[GraphReport]]:
     """The training-graph reports the quartet2 backend logs while the test runs."""
-    found: list[GraphReport] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            report = record.args[0] if isinstance(record.args, tuple) and record.args else None
-            if isinstance(report, GraphReport) and report.kind.startswith("joint"):
-                found.append(report)
-
-    logger = logging.getLogger("quartet_compile")
-    handler, level = Collect(logging.INFO), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield found
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+    with logged_reports() as found:
+        yield found
 
 
 def _assert_every_projection_rewritten(reports: list[GraphReport]) -> None:
@@ -140,3 +128,28 @@ def test_lightning_trains_a_model_compiled_in_place(reports):
     assert len(module.losses) == 2 and all(math.isfinite(loss) for loss in module.losses)
     _assert_every_projection_rewritten(reports)
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_hf_gradient_checkpointing_recomputes_the_nvfp4_forward(reports):
+    """``gradient_checkpointing_enable()`` (torch's non-reentrant checkpoint around each decoder
+    layer): the layers are still rewritten, and the backward's recomputed forward is the NVFP4
+    forward it replaces (deterministic: equal gradients when the backward is high precision)."""
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def grads(checkpointing: bool, **options) -> dict[str, torch.Tensor]:
+        torch._dynamo.reset()
+        model = _tiny_llama()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train().compile(backend="quartet2", options={**OPTIONS, **options})
+        torch.manual_seed(1)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters()}
+
+    recomputed, saved = grads(True, backward=False), grads(False, backward=False)
+    for name, grad in recomputed.items():
+        assert torch.equal(grad, saved[name]), name
+    reports.clear()
+    trained = grads(True)
+    _assert_every_projection_rewritten(reports)
+    assert all(torch.isfinite(g).all() for g in trained.values())
