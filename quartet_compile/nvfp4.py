@@ -259,10 +259,22 @@ def _groups(x: torch.Tensor) -> torch.Tensor:
 def _safe_tensor_scale(amax: torch.Tensor, divisor: float) -> torch.Tensor:
     """amax / divisor; 1 for an all-zero tensor, and for one so small that the quotient
     underflows to zero (every group of it underflows too); NaN when amax is not finite
-    (SPEC 1)."""
-    scale = amax.to(torch.float32) / divisor
+    (SPEC 1).
+
+    Computed as amax times the float32 reciprocal of ``divisor``: one correctly rounded
+    multiplication gives the same bits on the CPU, in CUDA kernels and in Inductor's generated
+    code, where a quotient does not (CUDA and Inductor divide by a constant as a product with
+    its reciprocal; seen on the H200 for amax / 1536). For the divisors that are not powers of
+    two (1536, 2688) it can differ from the IEEE quotient in the last bit.
+    """
+    scale = amax.to(torch.float32) * _float32(1.0 / divisor)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
+
+
+def _float32(value: float) -> float:
+    """``value`` rounded to the nearest float32, as a Python float (exact in every later cast)."""
+    return torch.tensor(value, dtype=torch.float32).item()
 
 
 def round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
