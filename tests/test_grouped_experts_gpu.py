@@ -45,7 +45,8 @@ def test_grouped_experts_under_inductor_on_cuda_match_the_reference() -> None:
         sum_dw += model.weight.grad.float().cpu()
         single.append((x_cuda.grad.float().cpu() - want_dx).norm() / want_dx.norm())
     assert report.graphs[0].linears[0].rewritten() == 3
-    torch.testing.assert_close(y.float().cpu(), want_y.bfloat16().float())
+    # bf16 tolerance: the CUDA GEMM rounds its bf16 product before the tensor scales apply.
+    torch.testing.assert_close(y.cpu(), want_y.bfloat16())
     for mean, want in ((sum_dx / draws, want_dx), (sum_dw / draws, want_dw)):
         # Unbiased: the error of the mean shrinks like 1/sqrt(32) = 0.18 of one draw's.
         assert (mean - want).norm() / want.norm() < 0.35 * torch.stack(single).mean()
