@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import fx
 
 from quartet_compile.passes.forms import FORMS
@@ -18,7 +19,16 @@ from quartet_compile.passes.forms.linear import operands
 from quartet_compile.passes.operands import module_name, resolve
 from quartet_compile.passes.sites import Linear, Matches, OtherMatmul
 
+aten = torch.ops.aten
+
 MATMUL_OPS = frozenset(op for form in FORMS for op in form.ops)
+# Ops that pick a weight's slices by index: transformers' "batched_mm" experts gather each
+# token's expert matrix (W[expert_ids]) and multiply them one token at a time with bmm.
+_GATHERS = (aten.index.Tensor, aten.index_select.default, aten.select.int)
+_GATHERED = (
+    "expert weights gathered per token (transformers' batched_mm experts) stay in high "
+    "precision; transformers' default grouped_mm experts are rewritten"
+)
 
 
 def _input_index(node: fx.Node, position: int) -> int:
@@ -77,6 +87,8 @@ def _forward_site(node: fx.Node, weights: Mapping[fx.Node, str]) -> Linear | str
                 return found
     p, q = (resolve(a) for a in operands(node))
     p_weight, q_weight = p.root in weights, q.root in weights
+    if _gathers_weight(p.root, weights) or _gathers_weight(q.root, weights):
+        return _GATHERED
     if not p_weight and not q_weight:
         return "activation x activation"
     if p_weight and q_weight:
@@ -84,6 +96,16 @@ def _forward_site(node: fx.Node, weights: Mapping[fx.Node, str]) -> Linear | str
     if p_weight:
         return "weight is the left operand (W @ x): not handled"
     return f"no matmul form reads a weight this way (a {len(q.labels)}-D view of the parameter)"
+
+
+def _gathers_weight(node: fx.Node, weights: Mapping[fx.Node, str]) -> bool:
+    """Whether ``node`` picks slices of a weight by index (one expert's matrix per token)."""
+    return (
+        node.op == "call_function"
+        and node.target in _GATHERS
+        and isinstance(node.args[0], fx.Node)
+        and resolve(node.args[0]).root in weights
+    )
 
 
 def _same_seq(a: fx.Node, b: fx.Node) -> bool:
@@ -103,6 +125,8 @@ def _assign_backward(node: fx.Node, linears: list[Linear], from_tangents: set[fx
 
 def _backward_reason(node: fx.Node, weights: Mapping[fx.Node, str]) -> str:
     roots = {resolve(a).root for a in operands(node)}
+    if any(_gathers_weight(root, weights) for root in roots):
+        return f"{_GATHERED} (backward)"
     if roots & weights.keys():
         return "backward of a matmul that is not a handled linear"
     return "activation x activation (backward)"

@@ -99,8 +99,10 @@ def test_the_backward_is_unbiased_per_expert() -> None:
         assert (mean - want).norm() / want.norm() < 0.35 * one
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
-def test_stock_hugging_face_moe_trains_with_every_expert_matmul_rewritten(family: str) -> None:
+def hf_moe(family: str) -> torch.nn.Module:
+    """A tiny stock Hugging Face MoE (4 experts, top-2) with bf16 weights: with those the experts
+    run torch's grouped_mm (fp32 ones fall back to a Python loop with a host sync, which
+    graph-breaks under torch.compile)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     common = dict(
@@ -111,13 +113,16 @@ def test_stock_hugging_face_moe_trains_with_every_expert_matmul_rewritten(family
         config = transformers.Qwen3MoeConfig(
             intermediate_size=256, moe_intermediate_size=128, num_experts=4, **common
         )
-        model = transformers.Qwen3MoeForCausalLM(config)
-    else:
-        config = transformers.MixtralConfig(intermediate_size=128, num_local_experts=4, **common)
-        model = transformers.MixtralForCausalLM(config)
-    # bf16 weights: the experts run torch's grouped_mm (fp32 ones fall back to a Python loop
-    # with a host sync, which graph-breaks under torch.compile).
-    model = model.to(torch.bfloat16)
+        return transformers.Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+    config = transformers.MixtralConfig(intermediate_size=128, num_local_experts=4, **common)
+    return transformers.MixtralForCausalLM(config).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_stock_hugging_face_moe_trains_with_every_expert_matmul_rewritten(family: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    model = hf_moe(family)
+    config = model.config
     reference = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     reference.load_state_dict(model.state_dict())
     ids = torch.randint(0, 256, (2, 64))
@@ -139,3 +144,15 @@ def test_stock_hugging_face_moe_trains_with_every_expert_matmul_rewritten(family
         if "experts" in name:
             error = (p.grad.float() - q.grad.float()).norm() / q.grad.float().norm()
             assert torch.isfinite(p.grad).all() and error < 0.6, (name, error)
+
+
+def test_batched_mm_experts_are_reported_as_kept_with_the_way_out() -> None:
+    model = hf_moe("qwen3_moe")
+    model.set_experts_implementation("batched_mm")
+    fn, report = compiled(model)
+    fn(torch.randint(0, 256, (2, 64))).logits.sum().backward()
+    (graph,) = report.graphs
+    assert not [s for s in graph.linears if s.experts is not None]
+    gathered = [o for o in graph.others if "batched_mm" in o.reason]
+    assert len(gathered) == 4  # gate_up and down, forward and backward
+    assert all("grouped_mm experts are rewritten" in o.reason for o in gathered)
