@@ -341,8 +341,7 @@ def _quantize_rotated(
     from_nvfp4: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch one method's passes over the logical [rows, red] input described by the args."""
-    if method not in nvfp4.BACKWARD_METHODS:
-        raise ValueError(f"method must be one of {nvfp4.BACKWARD_METHODS}, got {method!r}")
+    method = nvfp4.backward_method(method)
     device = src.device
     padded = red + (-red % nvfp4.HADAMARD_BLOCK)
     signs, seed = signs.to(device, torch.float32), seed.to(device)
@@ -363,7 +362,7 @@ def _quantize_rotated(
     consts = dict(FROM_NVFP4=from_nvfp4, MIX=mix, BLOCK_R=block_r, COLS_FASTEST=cols_fastest,
                   num_warps=warps)  # fmt: skip
     units = torch.empty((rows, padded), dtype=torch.bfloat16, device=device)
-    if method == "eden":
+    if method is nvfp4.BackwardMethod.EDEN:
         corrected = torch.empty(scales.shape, dtype=torch.bfloat16, device=device)
         wrap_triton(_eden_data_kernel)[grid](
             *source, codes, corrected, partial, *shape, padded, **consts

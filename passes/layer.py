@@ -100,7 +100,7 @@ class LayerRewrite:
             rotation.signs,
             rotation.seed_dy,
             transpose,
-            self.config.backward_method,
+            self.config.backward_method.value,
         )
         self.check.quantizer(anchor, matmul, [("dy", dy)], Origin.GRADIENT, q, DY_NAME)
         return q
@@ -117,7 +117,7 @@ class LayerRewrite:
         """The other operand rotated along the reduction dim: ``requant`` of the forward's
         triple (``forward``; a triple of padded codes and scales for grouped forms), or, when
         the forward stayed in high precision, ``rht_eden`` of ``operand.T``."""
-        method = self.config.backward_method
+        method = self.config.backward_method.value
         out_name = f"{name} (rotated NVFP4)"
         if forward is None:
             q = self.emit.quantize(

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from quartet_compile.nvfp4 import BACKWARD_METHODS
+from quartet_compile.nvfp4 import BackwardMethod, backward_method
 
 
 @dataclass(frozen=True)
@@ -14,8 +14,9 @@ class QuartetConfig:
     """What the quartet2 backend rewrites and how.
 
     four_over_six: forward scale selection between "max on 6" and "max on 4" (SPEC 2).
-    backward_method: "eden" (MS-EDEN, Quartet II) or "sr" (element-wise stochastic rounding with
-        the same rotation: the comparison recipe).
+    backward_method: BackwardMethod.EDEN ("eden": MS-EDEN, Quartet II) or BackwardMethod.SR
+        ("sr": element-wise stochastic rounding with the same rotation: the comparison recipe);
+        either spelling is accepted.
     skip: module-name patterns (fnmatch, matched against the dotted module path and its last part)
         whose linears stay in high precision; by default the output projection.
     forward / backward: which matmuls to rewrite.
@@ -39,7 +40,7 @@ class QuartetConfig:
     """
 
     four_over_six: bool = True
-    backward_method: str = "eden"
+    backward_method: BackwardMethod = BackwardMethod.EDEN
     skip: tuple[str, ...] = ("lm_head", "*.lm_head", "output")
     forward: bool = True
     backward: bool = True
@@ -51,10 +52,7 @@ class QuartetConfig:
     check_finite: bool = False
 
     def __post_init__(self) -> None:
-        if self.backward_method not in BACKWARD_METHODS:
-            raise ValueError(
-                f"backward_method must be one of {BACKWARD_METHODS}, got {self.backward_method!r}"
-            )
+        object.__setattr__(self, "backward_method", backward_method(self.backward_method))
         if isinstance(self.skip, str):
             object.__setattr__(self, "skip", (self.skip,))
         object.__setattr__(self, "skip", tuple(self.skip))

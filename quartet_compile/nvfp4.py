@@ -12,6 +12,7 @@ cols / 16]`` and ``tensor_scale: float32[]``.
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import NamedTuple
 
@@ -483,7 +484,22 @@ def rtn_backward(v: torch.Tensor) -> NVFP4Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-BACKWARD_METHODS = ("eden", "sr")
+class BackwardMethod(str, enum.Enum):
+    """The backward quantizer (the ops take its value, a string, in their schema)."""
+
+    EDEN = "eden"  # MS-EDEN: Quartet II
+    SR = "sr"  # element-wise stochastic rounding with the same rotation: the comparison recipe
+
+
+BACKWARD_METHODS = tuple(m.value for m in BackwardMethod)
+
+
+def backward_method(method: str) -> BackwardMethod:
+    """``method`` as a BackwardMethod; a ValueError naming the valid ones otherwise."""
+    try:
+        return BackwardMethod(method)
+    except ValueError:
+        raise ValueError(f"method must be one of {BACKWARD_METHODS}, got {method!r}") from None
 
 
 def rht_quantize(
@@ -528,10 +544,9 @@ def flush_subnormal(x: torch.Tensor) -> torch.Tensor:
 def _rotate_and_quantize(
     x: torch.Tensor, signs: torch.Tensor, seed: torch.Tensor, method: str
 ) -> NVFP4Tensor:
-    if method not in BACKWARD_METHODS:
-        raise ValueError(f"method must be one of {BACKWARD_METHODS}, got {method!r}")
+    method = backward_method(method)
     v = flush_subnormal(rotate(pad_last(x, HADAMARD_BLOCK), signs))
-    if method == "sr":
+    if method is BackwardMethod.SR:
         return sr_quantize(v, seeded_uniform(seed, v.shape, v.device))
     uniform = seeded_uniform(seed, torch.Size((v.shape[0], v.shape[1] // GROUP)), v.device)
     return ms_eden(v, uniform)

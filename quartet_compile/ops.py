@@ -1,9 +1,11 @@
 """The ``quartet2::*`` operators: the only doorway between graphs and kernels.
 
-Each op is a ``torch.library.triton_op``: Inductor traces into its body, so on CUDA the Triton
-kernels of ``quartet_compile.kernels`` (launched through ``wrap_triton``) land in Inductor's
-output code, and on CPU the reference PyTorch body (from nvfp4.py) is compiled to C++. Every op
-takes and returns plain tensors, has an exact fake implementation and no host synchronisation.
+Each op is a ``torch.library.triton_op`` that runs the Triton kernels of
+``quartet_compile.kernels`` (launched through ``wrap_triton``) on CUDA and the reference PyTorch
+body (nvfp4.py) elsewhere. The rewrite pass inlines the bodies of the CUDA calls it inserts, so
+their kernels land in Inductor's output code; on CPU the calls stay opaque and run the reference
+(passes/inline.py says why). Every op takes and returns plain tensors, has an exact fake
+implementation and no host synchronisation.
 
 Every quantizer returns ``codes, scales, tensor_scale, units``: the NVFP4 triple (flattened) and
 its unit values e2m1 * e4m3 in bf16 (exact; ``nvfp4.units``), written by the same kernel pass.
@@ -14,8 +16,8 @@ round 6). The triple is what the backward keeps of a forward operand (requant re
 Ops (all 2-D, quantization groups along the last dim of every output):
 - ``quantize_fwd(x[R,C], amax[], four_over_six)``: RTN (+ four-over-six) forward operand.
 - ``rht_eden(x[R,C], signs[128], seed[], transpose, method)``: rotate and quantize x (or x.T)
-  along its last dim, reduction dim zero-padded to 128; ``method`` is "eden" (MS-EDEN) or "sr"
-  (element-wise stochastic rounding, the comparison recipe).
+  along its last dim, reduction dim zero-padded to 128; ``method`` is a ``nvfp4.BackwardMethod``
+  value: "eden" (MS-EDEN) or "sr" (element-wise stochastic rounding, the comparison recipe).
 - ``requant(codes, scales, tensor_scale, signs, seed, method)``: the same for deq(triple).T.
 - ``gemm(a_units, a_tensor_scale, b_units, b_tensor_scale, out_dtype)``: deq(a) @ deq(b).T,
   float32 accumulation.

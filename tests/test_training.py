@@ -146,8 +146,11 @@ def test_tied_output_projection() -> None:
     report = str(quartet_compile.explain(TinyLlama(tie=True), tokens(), **EAGER))
     assert "lm_head: x[128, 128] @ embed.weight[256, 128].T" in report
     assert "all: skipped by pattern 'lm_head'" in report
+    # Without the name pattern, the structure still keeps it: its weight is the embedding's.
+    report = str(quartet_compile.explain(TinyLlama(tie=True), tokens(), skip=(), **EAGER))
+    assert "all: output head: its weight is tied to an input embedding" in report
     model = TinyLlama(tie=True)
-    report = explain_and_step(model, tokens(), skip=())
+    report = explain_and_step(model, tokens(), skip=(), keep_output_head=False)
     assert "24 matmul(s) rewritten" in report and model.lm_head.weight.grad is not None
 
 
