@@ -218,7 +218,7 @@ def measure(capture: Capture, seeds: int, base_seed: int) -> dict[str, Any]:
         for s in range(seeds):
             generator = torch.Generator().manual_seed(base_seed * 1_000_003 + s)
             signs_dx, signs_dw = (nvfp4.random_signs(generator).to(dy.device) for _ in range(2))
-            # In the range of the backend's in-graph seeds (passes/rewrite.py).
+            # In the range of the backend's in-graph seeds (passes/layer.py).
             seed_dy, seed_w, seed_dyt, seed_x = (
                 torch.randint(2**31 - 1, (4,), generator=generator).to(dy.device).unbind()
             )
