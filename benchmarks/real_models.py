@@ -487,25 +487,40 @@ def run_all(
     data: corpus.Corpus,
     budget_s: float | None,
 ) -> list[RunResult]:
-    """Every (model, backend) run; with a budget, each run's share is what is left divided by
-    the runs left, and a run stopped early fixes the step count of the model's later backends."""
+    """Every (model, backend) run, in budget (``budgeted``)."""
+
+    def run(name: str, backend: str, steps: int, deadline: float | None) -> RunResult:
+        print(f"=== {name} / {backend}", flush=True)
+        run_settings = dataclasses.replace(settings, steps=steps)
+        return guarded_run(name, backend, run_settings, data, deadline)
+
+    return budgeted(models, backends, settings.steps, budget_s, run)
+
+
+def budgeted(
+    groups: list[str],
+    backends: list[str],
+    steps: int,
+    budget_s: float | None,
+    run: Callable[[str, str, int, float | None], RunResult],
+) -> list[RunResult]:
+    """``run(group, backend, steps, deadline)`` for every (group, backend) in order. With a
+    budget, each run's share is what is left divided by the runs left, and a run stopped early
+    fixes the step count of its group's later backends (so they compare like with like)."""
     start = time.perf_counter()
-    runs_left = len(models) * len(backends)
+    runs_left = len(groups) * len(backends)
     results = []
-    for name in models:
-        steps = settings.steps
+    for group in groups:
+        group_steps = steps
         for backend in backends:
             deadline = None
             if budget_s:
                 share = (budget_s - (time.perf_counter() - start)) / runs_left
                 deadline = time.perf_counter() + share
             runs_left -= 1
-            print(f"=== {name} / {backend}", flush=True)
-            result = guarded_run(
-                name, backend, dataclasses.replace(settings, steps=steps), data, deadline
-            )
+            result = run(group, backend, group_steps, deadline)
             if result.stopped_early:
-                steps = result.steps
+                group_steps = result.steps
             results.append(result)
     return results
 

@@ -442,35 +442,24 @@ def run_all(
     data: corpus.Corpus,
     budget_s: float | None,
 ) -> list[TrainerRun]:
-    """Every (trainer, backend) run, as real_models.run_all: with a budget each run's share is
-    what is left over the runs left, and a run stopped early fixes the step count of the
-    trainer's later backends. A trainer whose package is missing is skipped."""
-    start = time.perf_counter()
+    """Every (trainer, backend) run, in budget (``real_models.budgeted``); a trainer whose
+    package is missing is skipped (its rows come last)."""
     why_not = {trainer: missing(trainer) for trainer in trainers}
-    runs_left = len(backends) * sum(why is None for why in why_not.values())
-    results = []
-    for trainer in trainers:
-        why = why_not[trainer]
+    skipped = []
+    for trainer, why in why_not.items():
         if why:
             print(f"=== {TRAINERS[trainer]}: {why}; its runs are skipped", flush=True)
-            results += [
+            skipped += [
                 TrainerRun(MODEL, b, "", 0, "", trainer=trainer, skipped=why) for b in backends
             ]
-            continue
-        steps = settings.steps
-        for backend in backends:
-            deadline = None
-            if budget_s:
-                share = (budget_s - (time.perf_counter() - start)) / runs_left
-                deadline = time.perf_counter() + share
-            runs_left -= 1
-            print(f"=== {TRAINERS[trainer]} / {backend}", flush=True)
-            run_settings = dataclasses.replace(settings, steps=steps)
-            result = train_run(trainer, backend, run_settings, data, deadline)
-            if result.stopped_early:
-                steps = result.steps
-            results.append(result)
-    return results
+
+    def run(trainer: str, backend: str, steps: int, deadline: float | None) -> TrainerRun:
+        print(f"=== {TRAINERS[trainer]} / {backend}", flush=True)
+        run_settings = dataclasses.replace(settings, steps=steps)
+        return train_run(trainer, backend, run_settings, data, deadline)
+
+    available = [trainer for trainer, why in why_not.items() if why is None]
+    return real_models.budgeted(available, backends, settings.steps, budget_s, run) + skipped
 
 
 def table(results: list[TrainerRun]) -> str:
