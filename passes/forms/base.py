@@ -9,14 +9,38 @@ with W[N, K]), a transposed-weight ``Conv1D`` (W[K, N]), grouped expert GEMMs
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from torch import fx
 from torch._ops import OpOverload
 
 from quartet_compile.passes.layer import LayerRewrite
+from quartet_compile.passes.operands import Operand, module_name
 from quartet_compile.passes.report import LinearReport
 from quartet_compile.passes.sites import Linear
+
+
+def new_site(
+    form: MatmulForm,
+    node: fx.Node,
+    x: Operand,
+    weight: Operand,
+    weights: Mapping[fx.Node, str],
+    **fields: Any,
+) -> Linear:
+    """The site of forward matmul ``node`` reading activation ``x`` and parameter ``weight``,
+    named after the module that ran it (or the weight's owner)."""
+    return Linear(
+        form=form,
+        name=module_name(node) or weights[weight.root].rpartition(".")[0],
+        forward=node,
+        x=x.node,
+        weight=weight.root,
+        weight_name=weights[weight.root],
+        x_root=x.root,
+        x_labels=x.matrix,
+        **fields,
+    )
 
 
 class MatmulForm(Protocol):

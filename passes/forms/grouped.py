@@ -25,9 +25,10 @@ from torch import fx
 
 from quartet_compile.ops import Matmul
 from quartet_compile.passes.emitter import Quantized
+from quartet_compile.passes.forms.base import new_site
 from quartet_compile.passes.forms.linear import untransposed
 from quartet_compile.passes.layer import DY_NAME, LayerRewrite, Rotation
-from quartet_compile.passes.operands import module_name, resolve, shape_of
+from quartet_compile.passes.operands import resolve, shape_of
 from quartet_compile.passes.report import LinearReport, Status
 from quartet_compile.passes.sites import BackwardMatmul, Linear
 
@@ -60,19 +61,10 @@ class GroupedExpertsForm:
             return None
         if len(node.args) > 3 or node.kwargs:
             return "grouped matmul with bias or out_dtype"
-        return Linear(
-            form=self,
-            name=module_name(node) or weights[q.root].rpartition(".")[0],
-            forward=node,
-            x=p.node,
-            weight=q.root,
-            weight_name=weights[q.root],
-            weight_transposed=q.labels != _FORWARD_READ,
-            bias=None,
-            x_root=p.root,
-            x_labels=p.matrix,
-            offsets=node.args[2],
-        )
+        return new_site(
+            self, node, p, q, weights,
+            weight_transposed=q.labels != _FORWARD_READ, bias=None, offsets=node.args[2],
+        )  # fmt: skip
 
     def backward(self, node: fx.Node, site: Linear, from_tangents: set[fx.Node]) -> bool:
         if len(node.args) < 3 or node.args[2] is not site.offsets:

@@ -18,8 +18,9 @@ from torch import fx
 
 from quartet_compile.ops import Matmul
 from quartet_compile.passes.emitter import Emitter
+from quartet_compile.passes.forms.base import new_site
 from quartet_compile.passes.layer import DY_NAME, LayerRewrite
-from quartet_compile.passes.operands import module_name, resolve, shape_of
+from quartet_compile.passes.operands import resolve, shape_of
 from quartet_compile.passes.report import LinearReport, Status
 from quartet_compile.passes.sites import BackwardMatmul, Linear
 
@@ -54,18 +55,11 @@ class DenseForm:
             return None
         if node.target is aten.bmm.default and shape_of(node)[0] != 1:
             return "batched matmul with batch > 1"
-        return Linear(
-            form=self,
-            name=module_name(node) or weights[q.root].rpartition(".")[0],
-            forward=node,
-            x=p.node,
-            weight=q.root,
-            weight_name=weights[q.root],
+        return new_site(
+            self, node, p, q, weights,
             weight_transposed=self.layout is WeightLayout.KN,
             bias=node.args[0] if node.target is aten.addmm.default else None,
-            x_root=p.root,
-            x_labels=p.matrix,
-        )
+        )  # fmt: skip
 
     def backward(self, node: fx.Node, site: Linear, from_tangents: set[fx.Node]) -> bool:
         p, q = (resolve(a) for a in operands(node))
