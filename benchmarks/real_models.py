@@ -535,6 +535,21 @@ def _ratio(value: float | None, base: float | None, percent: bool = False) -> st
     return f"{(value / base - 1) * 100:+.2f}%" if percent else f"{value / base:.2f}x"
 
 
+def measured_cells(r: RunResult, base: RunResult | None) -> list[str]:
+    """The columns every training table shares, from val loss to compile s (``vs bf16``: against
+    the same model's bf16 run ``base``)."""
+    return [
+        _fmt(r.val_loss, ".4f"),
+        _ratio(r.val_loss, base and base.val_loss, percent=True),
+        _fmt(r.train_loss, ".4f"),
+        _fmt(r.step_ms, ".1f"),
+        _ratio(r.step_ms, base and base.step_ms),
+        _fmt(r.peak_gib, ".2f"),
+        _ratio(r.peak_gib, base and base.peak_gib),
+        _fmt(r.compile_s, ".1f"),
+    ]
+
+
 def table(results: list[RunResult]) -> str:
     """One row per run; the "vs bf16" columns compare with the same model's bf16 run."""
     baseline = {r.model: r for r in results if r.backend == "bf16"}
@@ -547,14 +562,7 @@ def table(results: list[RunResult]) -> str:
                 r.backend,
                 f"{r.params / 1e6:.1f}M" if r.params else "-",
                 f"{r.steps}{' (time)' if r.stopped_early else ''}",
-                _fmt(r.val_loss, ".4f"),
-                _ratio(r.val_loss, base and base.val_loss, percent=True),
-                _fmt(r.train_loss, ".4f"),
-                _fmt(r.step_ms, ".1f"),
-                _ratio(r.step_ms, base and base.step_ms),
-                _fmt(r.peak_gib, ".2f"),
-                _ratio(r.peak_gib, base and base.peak_gib),
-                _fmt(r.compile_s, ".1f"),
+                *measured_cells(r, base),
                 nvfp4_cell(r),
                 r.failure or "yes",
             ]

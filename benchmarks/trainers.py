@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import real_models
 import torch
 import transformers
-from real_models import RunResult, StepTimer, _fmt, _ratio, nvfp4_cell
+from real_models import RunResult, StepTimer, nvfp4_cell
 from torch import nn
 from torch._inductor.utils import fresh_cache
 
@@ -473,14 +473,7 @@ def table(results: list[TrainerRun]) -> str:
                 TRAINERS[r.trainer],
                 r.backend,
                 "-" if r.skipped else f"{r.steps}{' (time)' if r.stopped_early else ''}",
-                _fmt(r.val_loss, ".4f"),
-                _ratio(r.val_loss, base and base.val_loss, percent=True),
-                _fmt(r.train_loss, ".4f"),
-                _fmt(r.step_ms, ".1f"),
-                _ratio(r.step_ms, base and base.step_ms),
-                _fmt(r.peak_gib, ".2f"),
-                _ratio(r.peak_gib, base and base.peak_gib),
-                _fmt(r.compile_s, ".1f"),
+                *real_models.measured_cells(r, base),
                 "-" if r.skipped else nvfp4_cell(r),
                 f"skipped: {r.skipped}" if r.skipped else r.failure or "yes",
             ]
