@@ -10,7 +10,6 @@ the shapes and the GEMM; this module keeps the order and the debug checks in one
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -51,9 +50,6 @@ class LayerRewrite:
         self.emit = emit
         self.cache = cache
         self.check = check_finite.Checks(emit.call, site.name, config.check_finite)
-
-    def call(self, anchor: fx.Node, target: Callable[..., object], *args: object) -> fx.Node:
-        return self.emit.call(anchor, target, *args)
 
     def quantize_forward(self, t: fx.Node, name: str) -> Quantized:
         """RTN + four-over-six NVFP4 of the 2-D ``t``, once per tensor and dtype in the graph."""
