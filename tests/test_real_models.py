@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import real_models  # noqa: E402
+from poisoned import POISONED, poisoned_builder  # noqa: E402
 
 from quartet_demo import corpus  # noqa: E402
 
@@ -65,22 +66,8 @@ def test_moe_models_are_refused_without_bf16_parameters(capsys) -> None:
 
 
 def test_a_nan_gradient_fails_the_run_and_names_the_parameter(monkeypatch, tmp_path, capsys):
-    poisoned = "model.layers.1.mlp.down_proj.weight"
-    build = real_models.build_model
-
-    def build_poisoned(name: str, tiny: bool, seed: int) -> torch.nn.Module:
-        model = build(name, tiny, seed)
-        calls = []
-
-        def poison_second_gradient(param: torch.Tensor) -> None:
-            calls.append(None)
-            if len(calls) == 2:
-                param.grad[0, 0] = math.nan
-
-        model.get_parameter(poisoned).register_post_accumulate_grad_hook(poison_second_gradient)
-        return model
-
-    monkeypatch.setattr(real_models, "build_model", build_poisoned)
+    poisoned = POISONED
+    monkeypatch.setattr(real_models, "build_model", poisoned_builder(real_models.build_model))
     out = tmp_path / "runs.json"
     status = real_models.main(
         ["--device", "cpu", "--tiny", "--eager", "--models", "llama", "--backends", "bf16",

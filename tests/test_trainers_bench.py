@@ -23,6 +23,7 @@ pytest.importorskip("lightning")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import trainers  # noqa: E402
+from poisoned import POISONED, poisoned_builder  # noqa: E402
 
 RUNS = [("hf", "quartet2"), ("hf", "bf16"), ("lightning", "quartet2"), ("lightning", "bf16")]
 # The tiny Llama's q/k/v/o/gate/up/down in its 2 blocks, forward, grad-input and grad-weight
@@ -121,22 +122,9 @@ def test_a_nan_gradient_under_the_hf_trainer_fails_the_run_and_names_its_paramet
     monkeypatch, tmp_path
 ):
     """HF's own gradient-norm step would spread one NaN gradient to all: the check runs first."""
-    poisoned = "model.layers.1.mlp.down_proj.weight"
-    build = trainers.real_models.build_model
-
-    def build_poisoned(name: str, tiny: bool, seed: int) -> torch.nn.Module:
-        model = build(name, tiny, seed)
-        calls = []
-
-        def poison_second_gradient(param: torch.Tensor) -> None:
-            calls.append(None)
-            if len(calls) == 2:
-                param.grad[0, 0] = math.nan
-
-        model.get_parameter(poisoned).register_post_accumulate_grad_hook(poison_second_gradient)
-        return model
-
-    monkeypatch.setattr(trainers.real_models, "build_model", build_poisoned)
+    poisoned = POISONED
+    models = trainers.real_models
+    monkeypatch.setattr(models, "build_model", poisoned_builder(models.build_model))
     out = tmp_path / "runs.json"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
