@@ -26,7 +26,12 @@ for step in "${steps[@]}"; do
         kernels) python3 benchmarks/kernels.py 2>&1 | tee "$out/kernels.log" | tail -40 ;;
         linear) python3 benchmarks/linear.py 2>&1 | tee "$out/linear.log" | tail -40 ;;
         model) python3 benchmarks/model.py 2>&1 | tee "$out/model.log" | tail -30 ;;
-        train) python3 benchmarks/train_compare.py 2>&1 | tee "$out/train.log" | tail -30 ;;
+        # One seed's three backends at once (SEEDS="0" by default): 100M tokens each, ~9.5 min.
+        # The run folders come back as one tar ($OUT keeps only shallow paths).
+        train) python3 benchmarks/train_compare.py --corpus site-packages --steps 3052 --jobs 3 \
+            --seeds ${SEEDS:-0} --minutes-per-backend 9 --runs-dir /tmp/train_compare 2>&1 |
+            tee "$out/train.log" | tail -30
+            tar -C /tmp -cf "$out/train_compare.tar" train_compare ;;
         real) python3 benchmarks/real_models.py --json "$out/real_models.json" 2>&1 |
             tee "$out/real_models.log" | tail -30 ;;
         moe) python3 benchmarks/real_models.py --models qwen3_moe --dtype bf16-params \

@@ -159,9 +159,13 @@ def train_batch(
 def eval_batches(
     stream: torch.Tensor, batch_size: int, seq_len: int, n_batches: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed set of evenly spaced windows covering the validation stream, same for every run."""
+    """A fixed set of evenly spaced windows covering the validation stream, same for every run.
+
+    The starts are computed in integers: float32 (linspace's default) rounds positions above
+    2**24 (a site-packages validation stream is ~19M bytes) past the stream's end.
+    """
     count = batch_size * n_batches
-    starts = torch.linspace(0, len(stream) - seq_len - 1, count).long()
+    starts = torch.arange(count) * (len(stream) - seq_len - 1) // max(count - 1, 1)
     return [_windows(stream, chunk, seq_len) for chunk in starts.split(batch_size)]
 
 

@@ -129,3 +129,15 @@ def test_the_demo_prints_the_fingerprint_and_writes_it_into_the_log_header(
         "corpus_sha256": fingerprint.sha256,
     }
     assert [row["step"] for row in log.rows] == ["1", "2"]
+
+
+@pytest.mark.parametrize("length", [1_000, 18_597_708])
+def test_validation_windows_stay_inside_a_stream_longer_than_float32_counts_exactly(length: int):
+    # 18,597,708 bytes: the site-packages validation stream on the H200, where float32 starts
+    # once ran one byte past the end.
+    stream = torch.arange(length, dtype=torch.int64).to(torch.uint8)
+    batches = corpus.eval_batches(stream, batch_size=64, seq_len=512, n_batches=16)
+    inputs, targets = batches[-1]
+    assert inputs[-1, 0] == stream[length - 513] and targets[-1, -1] == stream[length - 1]
+    firsts = torch.cat([inputs[:, 0] for inputs, _ in batches])
+    assert firsts[0] == stream[0] and len(firsts) == 64 * 16

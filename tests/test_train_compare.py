@@ -1,4 +1,5 @@
-"""benchmarks/train_compare.py's bookkeeping: which step the backends are compared at."""
+"""benchmarks/train_compare.py's bookkeeping: which step a seed's runs are compared at, the paired
+gaps and their ratio, and the table rebuilt from run folders."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "train_compare.py"
+HEADER = (
+    "# corpus: site-packages\n# corpus_root: /venv/site-packages\n# corpus_files: 25000\n"
+    f"# corpus_bytes: 388123456\n# corpus_sha256: {'ab' * 32}\n"
+    "step,tokens,train_loss,val_loss,elapsed\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,30 +41,68 @@ def test_common_step_is_the_last_one_every_successful_run_evaluated(train_compar
     assert train_compare.common_step(runs[:2]) == 234
 
 
-def test_collect_builds_the_table_from_run_folders_and_flags_a_missing_run(train_compare, tmp_path):
-    header = (
-        "# corpus: site-packages\n# corpus_root: /venv/site-packages\n# corpus_files: 25000\n"
-        f"# corpus_bytes: 388123456\n# corpus_sha256: {'ab' * 32}\n"
-        "step,tokens,train_loss,val_loss,elapsed\n"
-    )
-    for backend, (early, late) in (("quartet2", (1.40, 1.60)), ("bf16", (1.30, 1.50))):
-        run = tmp_path / "runs" / backend
-        run.mkdir(parents=True)
-        rows = f"100,6400,2.0,{early},9.0\n200,12800,1.9,{late},18.0\n"
-        (run / "log.csv").write_text(header + rows)
-        (run / "summary.json").write_text('{"tokens_per_s": 1234.0}\n')
-        (run / "machine.json").write_text('{"device": "GPU-X", "torch": "9.9"}\n')
+def test_a_seed_pairs_its_runs_at_their_common_step_and_at_their_best(train_compare):
+    Run = train_compare.Run
+    runs = [
+        Run("quartet2", {100: (10, 1.30), 200: (20, 1.21), 300: (30, 1.25)}, 1.0, seed=4),
+        Run("sr-recipe", {100: (10, 1.40), 200: (20, 1.24)}, 1.0, seed=4),
+        Run("bf16", {100: (10, 1.10), 200: (20, 1.20), 300: (30, 1.19)}, 1.0, seed=4),
+    ]
+    paired = train_compare.pair(runs)
+    assert (paired.seed, paired.step, paired.tokens) == (4, 200, 20)
+    assert paired.gap("quartet2") == pytest.approx(0.01)
+    assert paired.gap("sr-recipe") == pytest.approx(0.04)
+    assert paired.ratio() == pytest.approx(0.25)
+    # best: each run's lowest loss up to step 200 (bf16's is 1.10, at step 100)
+    assert paired.gap("quartet2", best=True) == pytest.approx(0.11)
+    assert paired.ratio(best=True) == pytest.approx(0.11 / 0.14)
+    failed = [*runs[:2], Run("bf16", {}, math.nan, error="exit 1", seed=4)]
+    assert train_compare.pair(failed) is None
+
+
+def test_the_ratio_line_is_mean_and_sample_std_of_the_per_seed_ratios(train_compare):
+    Paired = train_compare.Paired
+
+    def seed(seed: int, q2: float, sr: float):
+        losses = {"bf16": 1.0, "quartet2": 1.0 + q2, "sr-recipe": 1.0 + sr}
+        return Paired(seed, 10, 100, losses, losses)
+
+    pairs = [seed(0, 0.01, 0.02), seed(1, 0.03, 0.04), seed(2, 0.02, 0.02)]
+    line = train_compare.ratio_line(pairs)  # ratios 0.5, 0.75, 1.0: mean 0.75, std 0.25
+    assert line == "val-loss gap ratio quartet2/sr-recipe (3 seeds, paired): 0.75 +- 0.25"
+    assert "in 2 of 3 seeds (final)" in train_compare.verdict(pairs)
+    assert math.isnan(seed(3, 0.01, 0.0).ratio())
+
+
+def test_collect_builds_the_table_from_seed_folders_and_flags_a_missing_run(
+    train_compare, tmp_path
+):
+    losses = {  # seed -> backend -> (val at step 100, val at step 200)
+        0: {"quartet2": (1.40, 1.52), "sr-recipe": (1.45, 1.54), "bf16": (1.30, 1.50)},
+        1: {"quartet2": (1.40, 1.53), "bf16": (1.30, 1.50)},
+    }
+    for seed, backends in losses.items():
+        for backend, (early, late) in backends.items():
+            run = tmp_path / "runs" / f"seed{seed}" / backend
+            run.mkdir(parents=True)
+            rows = f"100,6400,2.0,{early},9.0\n200,12800,1.9,{late},18.0\n"
+            (run / "log.csv").write_text(HEADER + rows)
+            (run / "summary.json").write_text('{"tokens_per_s": 1234.0}\n')
+            (run / "machine.json").write_text(
+                '{"device": "GPU-X", "torch": "9.9", "concurrent_runs": 3}\n'
+            )
     results = tmp_path / "RESULTS.md"
     train_compare.main(
         ["--collect", "--steps", "200", "--runs-dir", str(tmp_path / "runs"),
-         "--plot", str(tmp_path / "curves.png"), "--results", str(results),
-         "--backends", "quartet2", "sr-recipe", "bf16"]
+         "--plot", str(tmp_path / "curves.png"), "--results", str(results)]
     )  # fmt: skip
     text = results.read_text()
-    assert "on GPU-X, torch 9.9" in text and "compared at step 200" in text
-    row = "| quartet2 | 1.6000 | +0.1000 (+6.67%) | 1.4000 (100) | +0.1000 (+7.69%) | 1,234 | 200 |"
+    assert "--corpus site-packages --steps 200 --jobs 3 --seeds 0 1` on GPU-X, torch 9.9" in text
+    row = "| 0 | 200 (0.0M) | 1.5000 | +0.0200 (+1.33%) | +0.0400 (+2.67%) | 0.50 | 1.3000 |"
     assert row in text
-    assert "| sr-recipe | failed: no summary.json in" in text
+    assert "- seed 1 sr-recipe: failed: no summary.json in" in text
+    assert "val-loss gap ratio quartet2/sr-recipe (1 seeds, paired): 0.50 +- 0.00" in text
+    assert "3 runs sharing the GPU, so not a speed measurement" in text
     assert "Corpus `--corpus site-packages`: 25,000 files, 388 MB, sha256 abababababab." in text
     assert (tmp_path / "curves.png").stat().st_size > 0
 
