@@ -155,4 +155,4 @@ def test_batched_mm_experts_are_reported_as_kept_with_the_way_out() -> None:
     assert not [s for s in graph.linears if s.experts is not None]
     gathered = [o for o in graph.others if "batched_mm" in o.reason]
     assert len(gathered) == 4  # gate_up and down, forward and backward
-    assert all("grouped_mm experts are rewritten" in o.reason for o in gathered)
+    assert all('set_experts_implementation("grouped_mm")' in o.reason for o in gathered)
