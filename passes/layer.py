@@ -20,15 +20,15 @@ from quartet_compile.nvfp4 import HADAMARD_BLOCK
 from quartet_compile.ops import Matmul, Origin
 from quartet_compile.passes import check_finite
 from quartet_compile.passes.emitter import Emitter, Quantized
-from quartet_compile.passes.operands import Labels, resolve
+from quartet_compile.passes.operands import value_key
 from quartet_compile.passes.sites import Linear
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 q2 = torch.ops.quartet2
 _SEED_HIGH = 2**31 - 1
-# Forward quantizations of this graph by (root tensor, dim labels, dtype).
-QuantizedCache = dict[tuple[fx.Node, Labels, torch.dtype], Quantized]
+# Forward quantizations of this graph by (operands.value_key, dtype).
+QuantizedCache = dict[tuple[tuple, torch.dtype], Quantized]
 
 
 class Rotation(NamedTuple):
@@ -54,8 +54,7 @@ class LayerRewrite:
     def quantize_forward(self, t: fx.Node, name: str) -> Quantized:
         """RTN + four-over-six NVFP4 of the 2-D ``t``, once per tensor and dtype in the graph."""
         anchor = self.site.forward
-        source = resolve(t)
-        key = (source.root, source.labels, t.meta["val"].dtype)
+        key = (value_key(t), t.meta["val"].dtype)
         if key not in self.cache:
             emit = self.emit
             amax = emit.call(anchor, aten.amax.default, emit.call(anchor, aten.abs.default, t), [])

@@ -28,7 +28,7 @@ _GATHERS = (aten.index.Tensor, aten.index_select.default, aten.select.int)
 _GATHERED = (
     "expert weights gathered per token (transformers' batched_mm experts) stay in high "
     "precision: their weight gradient is a scatter-add of per-token outer products, with no "
-    "token reduction to quantize; model.set_experts_implementation(\"grouped_mm\") "
+    'token reduction to quantize; model.set_experts_implementation("grouped_mm") '
     "(transformers' default) runs them in NVFP4"
 )
 

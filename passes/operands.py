@@ -106,6 +106,21 @@ def resolve(node: fx.Node) -> Operand:
     return Operand(node, root, labels)
 
 
+def value_key(node: fx.Node) -> tuple:
+    """A key equal for two nodes that hold the same values in the same layout.
+
+    ``resolve`` stops at a reshape that merges dims (``x[B, S, H].view(B * S, H)``), and each
+    linear that reads ``x`` makes its own such view; keyed by the reshape's input and its shape
+    instead of the node, q/k/v's three views of one ``x`` share one forward quantization.
+    """
+    source = resolve(node)
+    root = source.root
+    merged = root.op == "call_function" and root.target in _RESHAPES
+    if merged and isinstance(root.args[0], fx.Node):
+        return (value_key(root.args[0]), tuple(map(str, shape_of(root))), source.labels)
+    return (root, source.labels)
+
+
 def dotted(path: str) -> str:
     """Dynamo's source path (``L['self']._modules['fc1']._parameters['weight']`` or
     ``L['self'].layers.0.fc1``) as a dotted name (``fc1.weight``, ``layers.0.fc1``)."""

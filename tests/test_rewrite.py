@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+from models import TinyLlama
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+import quartet_compile
 from quartet_compile.passes import inline
 from quartet_compile.passes.inline import inline_body
-from quartet_compile.passes.operands import dotted, resolve
+from quartet_compile.passes.operands import dotted, resolve, value_key
 
 q2 = torch.ops.quartet2
 
@@ -74,6 +76,32 @@ def test_resolve_follows_layout_ops_to_the_parameter() -> None:
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     operand = resolve(out)
     assert operand.root is weight and operand.labels == (None, 0, 1)
+
+
+def test_value_key_matches_equal_merging_views_of_one_tensor_only() -> None:
+    def program(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x.view(8, 128), x.reshape(8, 128), x.view(4, 256), y.view(8, 128), x.view(8, 128).t()
+
+    gm = make_fx(program, tracing_mode="fake")(torch.randn(2, 4, 128), torch.randn(2, 4, 128))
+    q, k, wider, other, transposed = (value_key(n) for n in gm.graph.output_node().args[0])
+    assert q == k  # two linears' views of one x: one forward quantization
+    assert len({q, wider, other, transposed}) == 4
+
+
+def test_the_linears_reading_one_batched_x_share_its_forward_quantization() -> None:
+    # q/k/v (and gate/up) each view x[B, S, H] as [B * S, H]; with B = 1 the views only drop a
+    # size-1 dim and were always shared, with B = 2 each linear used to quantize x again.
+    torch.manual_seed(0)
+    model = TinyLlama()
+
+    def quantizers(batch: int) -> int:
+        tokens = torch.randint(0, 256, (batch, 128))
+        (graph,) = quartet_compile.explain(model, tokens, inductor=False).graphs
+        return graph.graph.count("quartet2.quantize_fwd.default(")
+
+    # 7 weights (lm_head stays BF16) and 4 activations: x for q/k/v, attention out, x for
+    # gate/up, down's input.
+    assert quantizers(2) == quantizers(1) == 11
 
 
 def test_dotted_names() -> None:
