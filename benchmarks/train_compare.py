@@ -53,8 +53,9 @@ RECIPES = ("quartet2", "sr-recipe")  # the NVFP4 recipes whose gaps to the refer
 
 @dataclass
 class Run:
-    """One (seed, backend) outcome: its validation curve (step -> (tokens, loss)), throughput
-    and the corpus its log names (``corpus_*`` fields of log.csv's header; empty in older logs)."""
+    """One (seed, backend) outcome: its validation curve (step -> (tokens, loss)), throughput,
+    the corpus its log names (``corpus_*`` fields of log.csv's header; empty in older logs) and
+    the machine it ran on (its ``machine.json``; empty for a failed run)."""
 
     backend: str
     val: dict[int, tuple[int, float]]
@@ -62,6 +63,7 @@ class Run:
     error: str | None = None
     corpus: dict[str, str] = field(default_factory=dict)
     seed: int = 0
+    machine: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -177,17 +179,19 @@ def machine(jobs: int) -> dict[str, str | int]:
 
 
 def read_run(out: Path, backend: str, seed: int) -> Run:
-    """A finished run from its folder: the CSV log and the summary the demo writes."""
+    """A finished run from its folder: the CSV log and the summary the demo writes, and the
+    machine.json that run_backend writes beside them."""
     if not (out / SUMMARY_NAME).exists():
         return Run(backend, {}, math.nan, error=f"no {SUMMARY_NAME} in {out}", seed=seed)
     summary = json.loads((out / SUMMARY_NAME).read_text())
+    env = json.loads((out / ENV_NAME).read_text()) if (out / ENV_NAME).exists() else {}
     log = read_log(out / LOG_NAME)
     val = {
         int(row["step"]): (int(row["tokens"]), float(row["val_loss"]))
         for row in log.rows
         if row["val_loss"]
     }
-    return Run(backend, val, summary["tokens_per_s"], corpus=log.metadata, seed=seed)
+    return Run(backend, val, summary["tokens_per_s"], corpus=log.metadata, seed=seed, machine=env)
 
 
 def collected_seeds(runs_dir: Path) -> list[int]:
@@ -391,9 +395,11 @@ def _gap(gap: float, reference: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     seeds = args.seeds or (collected_seeds(args.runs_dir) if args.collect else [0])
+    if not seeds:
+        sys.exit(f"--collect: no seedN folder in {args.runs_dir}")
     runs: list[Run] = []
-    env = machine(args.jobs)
-    if env["device"] == "CPU" and not args.collect:
+    here = machine(args.jobs)
+    if here["device"] == "CPU" and not args.collect:
         print("warning: no CUDA device; this comparison is meant for a GPU", file=sys.stderr)
     for seed in seeds:
         if args.collect:
@@ -405,11 +411,7 @@ def main(argv: list[str] | None = None) -> None:
             done = f"{max(run.val)} steps, {run.tokens_per_s:,.0f} tok/s" if run.val else ""
             print(f"[seed {seed} {run.backend}] {run.error or done}", flush=True)
         # Written after every seed, so a call cut short still leaves its results behind.
-        if args.collect:
-            written = [r for r in runs if not r.error]
-            if written:
-                first = run_dir(args.runs_dir, written[0].seed, written[0].backend)
-                env = json.loads((first / ENV_NAME).read_text())
+        env = next((run.machine for run in runs if run.machine), here)
         plot(runs, args.plot, f"{args.preset} preset, {env['device']}")
         section = results_section(runs, args, env)
         write_section(SECTION, section, args.results)
