@@ -1,5 +1,6 @@
 """Insert nodes into a joint graph the way the rewrite needs: fake values computed, the replaced
-node's meta inherited, and one layer's insertions undone if its rewrite fails halfway."""
+node's meta inherited, one layer's insertions undone if its rewrite fails halfway, and the new
+CUDA ops decomposed into their kernels once every layer is rewritten."""
 
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ class Emitter:
         self.replacements: dict[fx.Node, fx.Node] = {}
         # Names given in this graph's module to the constants of inlined bodies.
         self.constants: dict[Hashable, str] = {}
+        # Committed quartet2 op calls, inlined by ``decompose`` after the last layer: a later
+        # layer may still use an earlier one's quantizer outputs (a shared forward quantization),
+        # and inlining replaces those getitem nodes.
+        self.committed_ops: list[fx.Node] = []
 
     def current(self, node: fx.Node) -> fx.Node:
         """What ``node`` became if an earlier layer's rewrite replaced it."""
@@ -94,19 +99,25 @@ class Emitter:
         self.replaced.clear()
 
     def commit(self) -> None:
-        """Swap in the replacements and decompose new CUDA ops into their kernels."""
+        """Swap in the replacements; keep the new quartet2 op calls."""
         for old, new in self.replaced:
             old.replace_all_uses_with(new)
             self.graph.erase_node(old)
             self.replacements[old] = new
-        for node in self.created:
-            if (
-                isinstance(node.target, torch._ops.OpOverload)
-                and node.target.namespace == "quartet2"
-            ):
-                decompose_on_cuda(self.graph, node, self.fake_mode, self.constants)
+        self.committed_ops += [
+            node
+            for node in self.created
+            if isinstance(node.target, torch._ops.OpOverload)
+            and node.target.namespace == "quartet2"
+        ]
         self.created.clear()
         self.replaced.clear()
+
+    def decompose(self) -> None:
+        """Decompose the committed CUDA ops into their kernels (after the last layer's commit)."""
+        for node in self.committed_ops:
+            decompose_on_cuda(self.graph, node, self.fake_mode, self.constants)
+        self.committed_ops.clear()
 
     def position(self) -> Callable[[fx.Node], int]:
         """A sort key: a node's position in the graph."""

@@ -77,6 +77,7 @@ def rewrite(graph: fx.Graph, config: QuartetConfig, params: Mapping[int, str]) -
                 if getattr(entry, role).status is Status.NVFP4:
                     setattr(entry, role, failed)
         emitter.commit()
+    emitter.decompose()
     report.others = [
         OtherReport(o.node.name, o.name, _shape_text(o.node), o.reason) for o in matches.others
     ]
