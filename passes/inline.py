@@ -93,7 +93,10 @@ def inline_body(
                 key = (signature, inner.target)
                 if key not in constants:
                     constants[key] = _fresh_attr(graph.owning_module, inner.target)
-                    setattr(graph.owning_module, constants[key], getattr(traced, inner.target))
+                    # A buffer, not a plain attribute: FX warns on a get_attr of anything else.
+                    graph.owning_module.register_buffer(
+                        constants[key], getattr(traced, inner.target), persistent=False
+                    )
                 env[inner] = graph.get_attr(constants[key])
                 env[inner].meta.update(inner.meta)
                 if reused:

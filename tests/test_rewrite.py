@@ -7,16 +7,19 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import quartet_compile
-from quartet_compile.passes import inline
+from quartet_compile.passes import emitter, inline
 from quartet_compile.passes.inline import inline_body
 from quartet_compile.passes.operands import dotted, resolve, value_key
 
 q2 = torch.ops.quartet2
 
 
+@pytest.mark.filterwarnings("error::UserWarning")
 def test_inline_body_replaces_op_calls_by_their_traced_bodies() -> None:
     """The CUDA path inlines each quartet2 op's body (its Triton kernels there); on CPU the same
-    machinery inlines the reference body, which must compute exactly what the op computes."""
+    machinery inlines the reference body, which must compute exactly what the op computes. A
+    body's constants (lookup tables) become buffers: FX warned, once per constant of every
+    compiled graph, on a get_attr of a plain attribute (seen in every GPU benchmark log)."""
 
     def program(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         xq = q2.quantize_fwd(x, x.abs().amax(), True)
@@ -102,6 +105,37 @@ def test_the_linears_reading_one_batched_x_share_its_forward_quantization() -> N
     # 7 weights (lm_head stays BF16) and 4 activations: x for q/k/v, attention out, x for
     # gate/up, down's input.
     assert quantizers(2) == quantizers(1) == 11
+
+
+def test_inlining_keeps_a_forward_quantization_that_later_layers_share(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On CUDA each quartet2 op call is replaced by its body, and the call's getitem nodes with
+    it. k and v reuse q's quantization of x: inlined before they were rewritten, they referenced
+    erased nodes (on the H200, TinyLlama with batch 4 failed to compile: "Argument 'getitem_15'
+    ... was used before it has been defined"). Here the reference bodies are inlined on CPU the
+    same way, and must train exactly as the op calls do."""
+    torch.manual_seed(0)
+    model = TinyLlama()
+    tokens = torch.randint(0, 256, (2, 64))
+
+    def grads() -> list[torch.Tensor]:
+        torch._dynamo.reset()
+        torch.manual_seed(1)  # the backward's random signs and rounding draws
+        model.zero_grad()
+        compiled = torch.compile(model, backend="quartet2", options={"inductor": False})
+        compiled(tokens).float().square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    calls = grads()
+
+    def inline_on_any_device(graph, node, fake_mode, constants) -> None:
+        if node.target not in inline._OPAQUE:
+            inline_body(graph, node, fake_mode, constants)
+
+    monkeypatch.setattr(emitter, "decompose_on_cuda", inline_on_any_device)
+    for inlined, called in zip(grads(), calls, strict=True):
+        torch.testing.assert_close(inlined, called, rtol=0, atol=0)
 
 
 def test_dotted_names() -> None:
