@@ -308,9 +308,19 @@ def verdict(pairs: list[Paired]) -> str:
     """Whether quartet2 was the closer to BF16, seed by seed, in words."""
     closer = sum(abs(p.gap(RECIPES[0])) < abs(p.gap(RECIPES[1])) for p in pairs)
     closer_best = sum(abs(p.gap(RECIPES[0], True)) < abs(p.gap(RECIPES[1], True)) for p in pairs)
-    return (
+    sentence = (
         f"{RECIPES[0]} ended closer to {REFERENCE} than {RECIPES[1]} in {closer} of {len(pairs)} "
         f"seeds (final) and {closer_best} of {len(pairs)} (best)."
+    )
+    if len(pairs) < 2:
+        return sentence
+    # Whether the margin is clear of seed noise: a paired t statistic on the final gaps.
+    mean, std = mean_std([p.gap(RECIPES[1]) - p.gap(RECIPES[0]) for p in pairs])
+    t = mean / (std / math.sqrt(len(pairs))) if std > 0 else math.inf
+    return (
+        f"{sentence} Paired difference of the final gaps, {RECIPES[1]} - {RECIPES[0]}: "
+        f"{mean:+.4f} +- {std:.4f} (mean +- std over seeds; t = {t:.1f} with "
+        f"{len(pairs) - 1} degrees of freedom)."
     )
 
 

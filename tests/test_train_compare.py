@@ -70,7 +70,11 @@ def test_the_ratio_line_is_mean_and_sample_std_of_the_per_seed_ratios(train_comp
     pairs = [seed(0, 0.01, 0.02), seed(1, 0.03, 0.04), seed(2, 0.02, 0.02)]
     line = train_compare.ratio_line(pairs)  # ratios 0.5, 0.75, 1.0: mean 0.75, std 0.25
     assert line == "val-loss gap ratio quartet2/sr-recipe (3 seeds, paired): 0.75 +- 0.25"
-    assert "in 2 of 3 seeds (final)" in train_compare.verdict(pairs)
+    verdict = train_compare.verdict(pairs)
+    assert "in 2 of 3 seeds (final)" in verdict
+    # sr - quartet2 gaps 0.01, 0.01, 0: mean 0.0067, std 0.0058, t = 0.0067 / (0.0058 / sqrt 3)
+    assert "sr-recipe - quartet2: +0.0067 +- 0.0058 (" in verdict
+    assert "t = 2.0 with 2 degrees of freedom" in verdict
     assert math.isnan(seed(3, 0.01, 0.0).ratio())
 
 
