@@ -1,6 +1,8 @@
 """One linear layer's forward+backward: torch.compile BF16 (Inductor) vs backend="quartet2".
 
-Run on the GPU: median device-event time after warm-up, TFLOP/s (6*T*K*N per fwd+bwd), peak
+Run on the GPU: median device-event time after warm-up, launched as a training loop launches it
+and as CUDA-graph replays (the device time alone: at small shapes the difference is the host's
+launch overhead, which ``mode="reduce-overhead"`` removes), TFLOP/s (6*T*K*N per fwd+bwd), peak
 memory, compile time, and a torch.profiler breakdown of quartet2's kernels. Writes the table to
 benchmarks/RESULTS.md ("Linear layer") with the headline line
 ``linear fwd+bwd quartet2/bf16 (T=16384, K=4096, N=4096): X.XXx on <GPU>``.
@@ -12,11 +14,11 @@ import argparse
 import time
 
 import torch
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from results import markdown_table, write_section
 
-SHAPES = [(16384, 4096, 4096), (16384, 4096, 14336), (16384, 14336, 4096), (4096, 2048, 2048)]
+SHAPES = [(16384, 4096, 4096), (16384, 4096, 14336), (16384, 14336, 4096), (8192, 2048, 2048)]
 
 
 def make_step(backend: str, t: int, k: int, n: int, device: str):
@@ -34,6 +36,22 @@ def make_step(backend: str, t: int, k: int, n: int, device: str):
     step()
     torch.cuda.synchronize()
     return step, time.perf_counter() - start, [x, layer.weight]
+
+
+def graph_replay_ms(step, grads: list[torch.Tensor]) -> float:
+    """Median time of the step replayed from a CUDA graph. Gradients are freed before (so the
+    capture writes them instead of accumulating) and after: captured in the graph's memory
+    pool, they would count in the next case's peak memory."""
+    for t in grads:
+        t.grad = None
+    try:
+        return do_bench_cudagraph(step, rep=200, return_mode="median")
+    except RuntimeError as error:  # a capture failure is a finding; the other columns stand
+        print(f"CUDA-graph capture failed: {error}", flush=True)
+        return float("nan")
+    finally:
+        for t in grads:
+            t.grad = None
 
 
 def peak_memory(step) -> float:
@@ -77,7 +95,7 @@ def main() -> None:
         for backend in ("inductor", "quartet2"):
             step, compile_s, grads = make_step(backend, t, k, n, "cuda")
             ms = do_bench(step, warmup=100, rep=500, grad_to_none=grads, return_mode="median")
-            result[backend] = (ms, compile_s, peak_memory(step))
+            result[backend] = (ms, compile_s, peak_memory(step), graph_replay_ms(step, grads))
             if backend == "quartet2" and (t, k, n) == shapes[0]:
                 top = kernel_breakdown(step, grads)
                 table = markdown_table(["kernel", "ms / step", "share"], top)
@@ -90,6 +108,9 @@ def main() -> None:
                 f"{result['inductor'][0]:.3f}",
                 f"{result['quartet2'][0]:.3f}",
                 f"{ratio:.2f}x",
+                f"{result['inductor'][3]:.3f}",
+                f"{result['quartet2'][3]:.3f}",
+                f"{result['quartet2'][3] / result['inductor'][3]:.2f}x",
                 f"{flops / result['inductor'][0] / 1e9:.0f}",
                 f"{flops / result['quartet2'][0] / 1e9:.0f}",
                 f"{result['inductor'][2]:.2f}",
@@ -107,6 +128,9 @@ def main() -> None:
             "bf16 ms",
             "quartet2 ms",
             "ratio",
+            "bf16 graph ms",
+            "quartet2 graph ms",
+            "graph ratio",
             "bf16 TFLOP/s",
             "quartet2 TFLOP/s",
             "bf16 peak GiB",
@@ -117,7 +141,9 @@ def main() -> None:
         rows,
     )
     body = f"`python benchmarks/linear.py` on {gpu}, torch {torch.__version__}; medians of "
-    body += f"device-event timings (triton do_bench).\n\n{table}\n\n{breakdown}\n"
+    body += "device-event timings (triton do_bench), launched from the host each step (ms) and "
+    body += "replayed from a CUDA graph (graph ms; do_bench_cudagraph)."
+    body += f"\n\n{table}\n\n{breakdown}\n"
     if headline:
         body += f"\n{headline}\n"
     write_section("Linear layer", body)
