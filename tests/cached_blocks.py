@@ -1,6 +1,7 @@
 """A model whose repeated blocks regional compilation serves from the compile caches, and (run as
 a script) one training step of it with the ``quartet_compile`` log on stderr, one message per
-``@@`` line: what tests/test_report_cache.py runs twice in fresh processes."""
+``@@`` line: what tests/test_report_cache.py runs in a fresh process after running the same step
+itself."""
 
 import logging
 
@@ -39,8 +40,13 @@ def example() -> tuple[Blocks, torch.Tensor]:
     return Blocks(), torch.randn(128, 128, requires_grad=True)
 
 
+def train_step() -> None:
+    """One training step of the example, compiled with quartet2."""
+    model, x = example()
+    torch.compile(model, backend="quartet2")(x).sum().backward()
+
+
 if __name__ == "__main__":
     logging.basicConfig(format="@@ %(message)s")
     logging.getLogger("quartet_compile").setLevel(logging.INFO)
-    model, x = example()
-    torch.compile(model, backend="quartet2")(x).sum().backward()
+    train_step()

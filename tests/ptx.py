@@ -5,6 +5,10 @@ compiled); tests/test_kernels.py calls it through ``subprocess``. One JSON argum
 ``{"kernel": "quartet_compile.kernels.gemm._dot_scaled_kernel", "types": {arg: "*u8" | "i32"
 | ...}, "consts": {arg: value}, "aligned": [integer args Triton is told are multiples of 16],
 "capability": 90, "warps": 4}``. Pointers are always 16-byte aligned, as torch allocates them.
+
+A JSON list of such specs compiles them all in the one process (importing torch and the package
+takes longer than a compile) and prints a JSON list with, for each, ``{"ptx": ...}`` or
+``{"error": ...}``: one kernel failing to compile does not hide the others' PTX.
 """
 
 import importlib
@@ -33,5 +37,16 @@ def ptx(spec: dict) -> str:
     ]
 
 
+def _ptx_or_error(spec: dict) -> dict[str, str]:
+    try:
+        return {"ptx": ptx(spec)}
+    except Exception as exc:  # reported to the test that asked for this kernel
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 if __name__ == "__main__":
-    print(ptx(json.loads(sys.argv[1])))
+    specs = json.loads(sys.argv[1])
+    if isinstance(specs, list):
+        print(json.dumps([_ptx_or_error(spec) for spec in specs]))
+    else:
+        print(ptx(specs))

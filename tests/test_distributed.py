@@ -60,23 +60,28 @@ def _free_port() -> int:
 
 
 def _worker(
-    rank: int, ports: tuple[int, int], config: TrainConfig, explain_to: Path | None
+    rank: int, ports: list[int], configs: list[TrainConfig], explain_to: Path | None
 ) -> None:
-    """One rank, in the environment torchrun would give it (one thread, as torchrun sets)."""
+    """One rank, in the environment torchrun would give it (one thread, as torchrun sets): the
+    runs of ``configs`` one after the other, each in a process group of its own, then the
+    reports of ``_explain_sharded`` when ``explain_to`` is given."""
     torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(WORLD_SIZE),
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(ports[0]),
     )
     training.BACKENDS.update(FAST_BACKENDS)
-    train(config)
+    free = iter(ports)
+    for config in configs:
+        # A fresh store per group: a rank reconnecting to the old port could reach the closing one.
+        os.environ["MASTER_PORT"] = str(next(free))
+        torch._dynamo.reset()
+        train(config)
     if explain_to is not None:
-        # A fresh store: a rank reconnecting to the old port could reach the closing one.
-        os.environ["MASTER_PORT"] = str(ports[1])
-        _explain_sharded(rank, config.distributed, explain_to)
+        os.environ["MASTER_PORT"] = str(next(free))
+        _explain_sharded(rank, configs[0].distributed, explain_to)
 
 
 def _explain_sharded(rank: int, mode: str, path: Path) -> None:
@@ -120,8 +125,9 @@ class _Recorder(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def run_ranks(config: TrainConfig, explain_to: Path | None = None) -> None:
-    """Run the ranks; a rank killed by a signal is retried once, on fresh ports.
+def run_ranks(*configs: TrainConfig, explain_to: Path | None = None) -> None:
+    """Run the ranks (each rank trains ``configs`` in turn, in one process: a process start costs
+    as much as a tiny run); a rank killed by a signal is retried once, on fresh ports.
 
     A rank once died of SIGABRT ("terminate called without an active exception") two seconds
     into a DDP run in a fresh-clone CI run (1 of 9 runs of this module that day; no Python
@@ -130,9 +136,10 @@ def run_ranks(config: TrainConfig, explain_to: Path | None = None) -> None:
     """
     for attempt in range(2):
         try:
+            ports = [_free_port() for _ in range(len(configs) + 1)]
             mp.spawn(
                 _worker,
-                args=((_free_port(), _free_port()), config, explain_to),
+                args=(ports, list(configs), explain_to),
                 nprocs=WORLD_SIZE,
                 join=True,
             )
@@ -164,11 +171,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         training.BACKENDS.clear()
         training.BACKENDS.update(saved)
     for mode in ("ddp", "fsdp2"):
+        configs = []
         for backend in ("bf16", "quartet2"):
-            out = tmp_path_factory.mktemp(f"{mode}-{backend}")
-            config = dataclasses.replace(CONFIG, backend=backend, out_dir=out, distributed=mode)
-            run_ranks(config, out / "report.pkl" if backend == "quartet2" else None)
-            outs[f"{mode}-{backend}"] = out
+            outs[f"{mode}-{backend}"] = out = tmp_path_factory.mktemp(f"{mode}-{backend}")
+            configs.append(
+                dataclasses.replace(CONFIG, backend=backend, out_dir=out, distributed=mode)
+            )
+        if mode == "fsdp2":
+            # The first session of test_fsdp2_resume_reproduces_the_uninterrupted_run: a zero
+            # time budget stops after step 1 on every rank (the ranks agree on when to stop).
+            outs["fsdp2-stopped"] = out = tmp_path_factory.mktemp("fsdp2-stopped")
+            configs.append(
+                dataclasses.replace(CONFIG, out_dir=out, distributed=mode, max_minutes=0.0)
+            )
+        run_ranks(*configs, explain_to=outs[f"{mode}-quartet2"] / "report.pkl")
     return outs
 
 
@@ -259,13 +275,12 @@ def test_a_sharded_weight_stays_in_high_precision_with_a_logged_reason(
     assert any("reached the graph as DTensor (Shard(dim=1),)" in m for m in warnings), warnings
 
 
-def test_fsdp2_resume_reproduces_the_uninterrupted_run(runs: dict[str, Path], tmp_path: Path):
-    config = dataclasses.replace(CONFIG, out_dir=tmp_path, distributed="fsdp2")
-    # A zero time budget stops after step 1 on every rank (the ranks agree on when to stop).
-    run_ranks(dataclasses.replace(config, max_minutes=0.0))
-    assert len(losses(tmp_path)) == 1
-    run_ranks(dataclasses.replace(config, resume=True))
-    assert losses(tmp_path) == losses(runs["fsdp2-bf16"])
+def test_fsdp2_resume_reproduces_the_uninterrupted_run(runs: dict[str, Path]):
+    stopped = runs["fsdp2-stopped"]  # stopped after step 1 by a zero time budget
+    assert len(losses(stopped)) == 1
+    # Resumed by new processes: all they know of the first session is in its checkpoint.
+    run_ranks(dataclasses.replace(CONFIG, out_dir=stopped, distributed="fsdp2", resume=True))
+    assert losses(stopped) == losses(runs["fsdp2-bf16"])
 
 
 def test_resume_refuses_another_world_size(runs: dict[str, Path]):

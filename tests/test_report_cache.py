@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cached_blocks import example
+from cached_blocks import example, train_step
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
 import quartet_compile
@@ -42,9 +42,40 @@ def _layers(message: str) -> list[str]:
     return re.findall(r"^  (\S+: x\[.*\n    .*)$", message, flags=re.MULTILINE)
 
 
-def test_a_second_run_logs_the_reports_stored_by_the_first(tmp_path: Path) -> None:
-    first = _train_in_a_fresh_process(tmp_path)
-    second = _train_in_a_fresh_process(tmp_path)
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """The training step that cached_blocks.py runs as a script, run here on empty caches: the
+    cache directory it fills (compiled graphs and reports) and its ``quartet_compile`` log."""
+    cache = tmp_path_factory.mktemp("inductor")
+    logger, handler = logging.getLogger("quartet_compile"), _Messages()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with temporary_cache_dir(str(cache)):
+            torch._dynamo.reset()
+            train_step()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        torch._dynamo.reset()
+    return cache, handler.messages
+
+
+def test_a_second_run_logs_the_reports_stored_by_the_first(
+    first_run: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    warm, first = first_run
+    second = _train_in_a_fresh_process(Path(shutil.copytree(warm, tmp_path / "inductor")))
     reports = [m for m in first if m.startswith((FRESH, FROM_CACHE))]
     # The head and the first block are compiled; the second block is the first's cache entry,
     # reported with its own module names.
@@ -57,19 +88,10 @@ def test_a_second_run_logs_the_reports_stored_by_the_first(tmp_path: Path) -> No
     assert [_layers(m) for m in cached] == [_layers(m) for m in reports]
 
 
-@pytest.fixture(scope="module")
-def warm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache directory that holds the compiled graphs of cached_blocks' model and the reports."""
-    cache = tmp_path_factory.mktemp("inductor")
-    with temporary_cache_dir(str(cache)):
-        quartet_compile.explain(*example())
-    return cache
-
-
 @pytest.fixture
-def cache_dir(warm_cache: Path, tmp_path: Path) -> Iterator[Path]:
+def cache_dir(first_run: tuple[Path, list[str]], tmp_path: Path) -> Iterator[Path]:
     """A copy of the warm cache, in use for the test."""
-    cache = Path(shutil.copytree(warm_cache, tmp_path / "inductor"))
+    cache = Path(shutil.copytree(first_run[0], tmp_path / "inductor"))
     with temporary_cache_dir(str(cache)):
         yield cache
 

@@ -146,22 +146,22 @@ def _step(model: nn.Module, options: dict[str, Any] | None) -> tuple[dict, int]:
     return _grads(model), counter.calls
 
 
-def _model(cls: type[TinyLlama]) -> TinyLlama:
+def _model(cls: type[TinyLlama], **kwargs: Any) -> TinyLlama:
     torch.manual_seed(0)
-    return cls()
+    return cls(**kwargs)
 
 
 def test_activation_checkpointing_recomputes_the_nvfp4_forward() -> None:
-    recomputed, recomputations = _step(_model(CheckpointedLlama), FORWARD_ONLY)
-    saved, none = _step(_model(TinyLlama), FORWARD_ONLY)
+    recomputed, recomputations = _step(_model(CheckpointedLlama, layers=2), FORWARD_ONLY)
+    saved, none = _step(_model(TinyLlama, layers=2), FORWARD_ONLY)
     assert recomputations > 0 and none == 0
     # The recomputed forward is the NVFP4 forward (deterministic): equal gradients.
     for name, grad in recomputed.items():
         assert torch.equal(grad, saved[name]), name
     with logged_reports() as reports:
-        grads, _ = _step(_model(CheckpointedLlama), EAGER)
-    _assert_projections_rewritten(reports, layers=1, dtype="float32")
-    _assert_close_to_eager(grads, _step(_model(TinyLlama), None)[0])
+        grads, _ = _step(_model(CheckpointedLlama, layers=2), EAGER)
+    _assert_projections_rewritten(reports, layers=2, dtype="float32")
+    _assert_close_to_eager(grads, _step(_model(TinyLlama, layers=2), None)[0])
 
 
 # --- bfloat16 and float32 -----------------------------------------------------------------------
