@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
+from torch._inductor import list_mode_options
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from quartet_compile.passes.report import GraphReport
@@ -160,6 +161,7 @@ class Settings:
     log_every: int = 50
     tiny: bool = False
     eager: bool = False
+    mode: str = "default"
 
     @property
     def min_steps(self) -> int:
@@ -231,15 +233,23 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def compile_kwargs(backend: str, eager: bool) -> dict[str, Any]:
+def compile_kwargs(backend: str, eager: bool, mode: str = "default") -> dict[str, Any]:
     """torch.compile arguments of a backend (the demo's); ``eager`` drops Inductor's code
-    generation (bf16 -> aot_eager, quartet2 -> options inductor=False) for quick CPU runs."""
+    generation (bf16 -> aot_eager, quartet2 -> options inductor=False) for quick CPU runs.
+
+    ``mode`` (e.g. "reduce-overhead") goes to Inductor as ``mode=``, and to the quartet2 backends
+    as the mode's Inductor options: torch.compile takes either ``mode`` or ``options``."""
     kwargs = BACKENDS[backend]
-    if not eager:
+    if eager:
+        if kwargs["backend"] == "inductor":
+            return {"backend": "aot_eager"}
+        return {**kwargs, "options": {**kwargs.get("options", {}), "inductor": False}}
+    if mode == "default":
         return kwargs
     if kwargs["backend"] == "inductor":
-        return {"backend": "aot_eager"}
-    return {**kwargs, "options": {**kwargs.get("options", {}), "inductor": False}}
+        return {**kwargs, "mode": mode}
+    mode_options = list_mode_options(mode)
+    return {**kwargs, "options": {**kwargs.get("options", {}), **mode_options}}
 
 
 class StepTimer:
@@ -357,7 +367,9 @@ def train_run(
     names, params = [n for n, _ in trained], [p for _, p in trained]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, fused=True)
     loss_fn = torch.compile(
-        NextByteLoss(model), dynamic=False, **compile_kwargs(backend, settings.eager)
+        NextByteLoss(model),
+        dynamic=False,
+        **compile_kwargs(backend, settings.eager, settings.mode),
     )
     timer = StepTimer(device)
     start = time.perf_counter()
@@ -418,6 +430,8 @@ def forward_backward(
 ) -> torch.Tensor:
     """Loss and gradients of one batch; returns ``[loss, grad norm of each parameter...]`` on the
     host: the step's one sync."""
+    if settings.mode == "reduce-overhead":  # a new training step: earlier graph outputs are dead
+        torch.compiler.cudagraph_mark_step_begin()
     with autocast(settings, device):
         loss = loss_fn(inputs, targets)
     loss.backward()
@@ -607,7 +621,9 @@ def describe(settings: Settings, argv: list[str], results: list[RunResult]) -> s
         f"standard library's sources, batch {settings.batch} x seq {settings.seq}, "
         f"{settings.steps} steps, {dtype}, fused AdamW lr {settings.lr:g} (linear warm-up "
         f"{settings.lr_warmup} steps); the same initial weights and batches for every backend"
-        f"{', --eager (no Inductor code generation)' if settings.eager else ''}. Models: {models}."
+        f"{', --eager (no Inductor code generation)' if settings.eager else ''}"
+        f"{f', compiled with mode={settings.mode!r}' if settings.mode != 'default' else ''}. "
+        f"Models: {models}."
         f"\n\nval loss: mean next-byte cross-entropy over {settings.val_batches} fixed validation "
         f"batches after training (forward only); train loss: mean of the last {TRAIN_LOSS_STEPS} "
         f"steps; step ms: median CUDA-event time of the steps after the first {settings.warmup} "
@@ -658,6 +674,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="2-layer, 128-wide models")
     parser.add_argument(
         "--eager", action="store_true", help="no Inductor code generation (quick CPU smoke runs)"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["default", "reduce-overhead"],
+        default=Settings.mode,
+        help="torch.compile mode (reduce-overhead: CUDA graphs, for small models)",
     )
     parser.add_argument(
         "--time-budget",

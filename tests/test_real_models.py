@@ -123,3 +123,18 @@ def test_a_run_cut_by_the_time_budget_fixes_the_steps_of_the_models_later_backen
         ("gpt2", "bf16", 40, True),
     ]
     assert "| 40 (time) |" in real_models.table(results)
+
+
+def test_reduce_overhead_reaches_inductor_and_keeps_each_recipe_s_options() -> None:
+    """--mode reduce-overhead: torch.compile refuses ``mode`` together with ``options``, so the
+    quartet2 recipes get the mode's Inductor options (CUDA graphs) beside their own."""
+    bf16 = real_models.compile_kwargs("bf16", eager=False, mode="reduce-overhead")
+    assert bf16 == {"backend": "inductor", "mode": "reduce-overhead"}
+    sr = real_models.compile_kwargs("sr-recipe", eager=False, mode="reduce-overhead")
+    assert sr == {
+        "backend": "quartet2",
+        "options": {"four_over_six": False, "backward_method": "sr", "triton.cudagraphs": True},
+    }
+    for kwargs in (bf16, sr, real_models.compile_kwargs("quartet2", False, "reduce-overhead")):
+        torch.compile(torch.nn.Linear(4, 4), **kwargs)  # raises on mode + options
+    assert real_models.compile_kwargs("quartet2", False) == {"backend": "quartet2"}
