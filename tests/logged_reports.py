@@ -1,5 +1,6 @@
-"""The training-graph reports that the quartet2 backend logs, collected for assertions: the log is
-what a trainer's user reads, so tests read it too (fresh reports and those from the caches)."""
+"""The training-graph reports and messages that the quartet2 backend logs, collected for
+assertions: the log is what a trainer's user reads, so tests read it too (fresh reports and those
+from the caches)."""
 
 import contextlib
 import logging
@@ -28,3 +29,23 @@ def logged_reports() -> Iterator[list[GraphReport]]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def logged_messages(level: int = logging.INFO) -> Iterator[list[str]]:
+    """The messages logged on ``quartet_compile`` at ``level`` or above inside the block."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("quartet_compile")
+    handler, saved = Collect(level), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(logger.getEffectiveLevel(), level))
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)

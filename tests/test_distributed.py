@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from logged_reports import logged_messages
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -89,40 +90,29 @@ def _explain_sharded(rank: int, mode: str, path: Path) -> None:
     splits the graph, or FSDP2 as the demo shards it) and on a linear whose weight is a sharded
     DTensor, with the warnings logged meanwhile."""
     world = distributed.init(mode, "cpu")
-    warnings = _Recorder()
-    logging.getLogger("quartet_compile").addHandler(warnings)
     try:
-        torch.manual_seed(0)
-        model = Llama(CONFIG.model)
-        wrapped = (
-            DistributedDataParallel(model, bucket_cap_mb=1)
-            if mode == "ddp"
-            else distributed.wrap(model, world)
-        )
-        report = explain(wrapped, torch.randint(0, 256, (2, 64)), inductor=False)
-        model_warnings, warnings.messages = warnings.messages, []
-        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
-        linear = torch.nn.Linear(256, 256, bias=False)
-        weight = distribute_tensor(linear.weight.detach(), mesh, [Shard(1)])
-        linear.weight = torch.nn.Parameter(weight)
-        x = DTensor.from_local(torch.randn(128, 256), mesh, [Replicate()])
-        sharded = explain(linear, x, inductor=False)
+        with logged_messages(logging.WARNING) as warnings:
+            torch.manual_seed(0)
+            model = Llama(CONFIG.model)
+            wrapped = (
+                DistributedDataParallel(model, bucket_cap_mb=1)
+                if mode == "ddp"
+                else distributed.wrap(model, world)
+            )
+            report = explain(wrapped, torch.randint(0, 256, (2, 64)), inductor=False)
+            model_warnings = warnings[:]
+            warnings.clear()
+            mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+            linear = torch.nn.Linear(256, 256, bias=False)
+            weight = distribute_tensor(linear.weight.detach(), mesh, [Shard(1)])
+            linear.weight = torch.nn.Parameter(weight)
+            x = DTensor.from_local(torch.randn(128, 256), mesh, [Replicate()])
+            sharded = explain(linear, x, inductor=False)
         if world.is_main:
-            reports = (report, model_warnings, sharded, warnings.messages)
+            reports = (report, model_warnings, sharded, warnings)
             path.write_bytes(pickle.dumps(reports))
     finally:
         distributed.shutdown(world)
-
-
-class _Recorder(logging.Handler):
-    """Keeps the warnings the backend logs."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def run_ranks(*configs: TrainConfig, explain_to: Path | None = None) -> None:

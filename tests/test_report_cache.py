@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from cached_blocks import example, train_step
+from logged_reports import logged_messages
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
 import quartet_compile
@@ -42,33 +43,18 @@ def _layers(message: str) -> list[str]:
     return re.findall(r"^  (\S+: x\[.*\n    .*)$", message, flags=re.MULTILINE)
 
 
-class _Messages(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """The training step that cached_blocks.py runs as a script, run here on empty caches: the
     cache directory it fills (compiled graphs and reports) and its ``quartet_compile`` log."""
     cache = tmp_path_factory.mktemp("inductor")
-    logger, handler = logging.getLogger("quartet_compile"), _Messages()
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     try:
-        with temporary_cache_dir(str(cache)):
+        with temporary_cache_dir(str(cache)), logged_messages() as messages:
             torch._dynamo.reset()
             train_step()
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
         torch._dynamo.reset()
-    return cache, handler.messages
+    return cache, messages
 
 
 def test_a_second_run_logs_the_reports_stored_by_the_first(
