@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call that installs the project, runs the GPU test suite and the GPU benchmarks.
 # Usage on the device machine (from the repo root, with .whl carried for expecttest):
-#   bash benchmarks/device_suite.sh [tests|kernels|linear|model|train|real|graphs|moe|grad|trainers ...]
+#   bash benchmarks/device_suite.sh [tests|kernels|linear|model|train|real|small|moe|grad|trainers ...]
 #   (default: tests kernels linear real)
 # Logs and RESULTS.md land in $OUT (or ./device-out when OUT is unset).
 set -uo pipefail
@@ -34,10 +34,13 @@ for step in "${steps[@]}"; do
             tar -C /tmp -cf "$out/train_compare.tar" train_compare ;;
         real) python3 benchmarks/real_models.py --json "$out/real_models.json" 2>&1 |
             tee "$out/real_models.log" | tail -30 ;;
-        # The same models under CUDA graphs (issue 16: small models are host-bound).
-        graphs) python3 benchmarks/real_models.py --mode reduce-overhead --steps 100 \
-            --section "Real models: reduce-overhead" --time-budget 420 \
-            --json "$out/real_models_graphs.json" 2>&1 | tee "$out/real_models_graphs.log" | tail -30 ;;
+        # Issue 16's launch-bound models, compiled by default and under CUDA graphs (~8 min).
+        small) for mode in default reduce-overhead; do
+            python3 benchmarks/real_models.py --models gpt2_6l,qwen3_768 --seq 512 \
+                --steps 100 --mode $mode --section "Real models: small, mode $mode" \
+                --time-budget 220 --json "$out/real_models_small_$mode.json" 2>&1 |
+                tee "$out/real_models_small_$mode.log" | tail -12
+            done ;;
         moe) python3 benchmarks/real_models.py --models qwen3_moe --dtype bf16-params \
             --section "Real models: mixture of experts" --time-budget 300 \
             --json "$out/real_models_moe.json" 2>&1 | tee "$out/real_models_moe.log" | tail -30 ;;

@@ -106,6 +106,33 @@ def qwen3(tiny: bool) -> PretrainedConfig:
     return Qwen3Config(vocab_size=256, head_dim=64, max_position_embeddings=1024, **size, **heads)
 
 
+def gpt2_6l(tiny: bool) -> PretrainedConfig:
+    """GPT-2 small with 6 layers (43M parameters): one of issue 16's small, launch-bound models."""
+    config = gpt2(tiny)
+    if not tiny:
+        config.n_layer = 6
+    return config
+
+
+def qwen3_768(tiny: bool) -> PretrainedConfig:
+    """Qwen3, 768 wide and 6 layers (42M parameters; GQA 12/4 heads): issue 16's other small
+    model."""
+    from transformers import Qwen3Config
+
+    if tiny:
+        return qwen3(tiny)
+    return Qwen3Config(
+        vocab_size=256,
+        head_dim=64,
+        max_position_embeddings=1024,
+        hidden_size=768,
+        intermediate_size=2304,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+    )
+
+
 def qwen3_moe(tiny: bool) -> PretrainedConfig:
     """Qwen3-MoE (165M parameters, 28M active per token): 8 experts, top-2, in every layer; the
     experts are 3-D parameters multiplied by grouped_mm (passes/forms/grouped.py)."""
@@ -135,6 +162,8 @@ MODELS: dict[str, Callable[[bool], PretrainedConfig]] = {
     "llama": llama,
     "gpt2": gpt2,
     "qwen3": qwen3,
+    "gpt2_6l": gpt2_6l,
+    "qwen3_768": qwen3_768,
     "qwen3_moe": qwen3_moe,
 }
 DEFAULT_MODELS = ("llama", "gpt2", "qwen3")

@@ -138,3 +138,16 @@ def test_reduce_overhead_reaches_inductor_and_keeps_each_recipe_s_options() -> N
     for kwargs in (bf16, sr, real_models.compile_kwargs("quartet2", False, "reduce-overhead")):
         torch.compile(torch.nn.Linear(4, 4), **kwargs)  # raises on mode + options
     assert real_models.compile_kwargs("quartet2", False) == {"backend": "quartet2"}
+
+
+@pytest.mark.parametrize(
+    "name, layers, heads", [("gpt2_6l", 6, (12, 12)), ("qwen3_768", 6, (12, 4))]
+)
+def test_the_small_models_are_issue_16_s_768_wide_6_layer_ones(name, layers, heads) -> None:
+    config = real_models.MODELS[name](tiny=False)
+    assert (config.hidden_size, config.num_hidden_layers) == (768, layers)
+    kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)  # GPT-2: MHA
+    assert (config.num_attention_heads, kv_heads) == heads
+    # The tiny variant (CPU tests) is the base model's.
+    base = real_models.MODELS[name.split("_")[0]](tiny=True)
+    assert real_models.MODELS[name](tiny=True).to_dict() == base.to_dict()
