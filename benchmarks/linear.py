@@ -3,7 +3,8 @@
 Run on the GPU: median device-event time after warm-up, launched as a training loop launches it
 and as CUDA-graph replays (the device time alone: at small shapes the difference is the host's
 launch overhead, which ``mode="reduce-overhead"`` removes), TFLOP/s (6*T*K*N per fwd+bwd), peak
-memory, compile time, and a torch.profiler breakdown of quartet2's kernels. Writes the table to
+memory, compile time, a torch.profiler breakdown of quartet2's kernels, and at the last shape
+the host's time per step with the Python functions it is spent in (cProfile). Writes the table to
 benchmarks/RESULTS.md ("Linear layer") with the headline line
 ``linear fwd+bwd quartet2/bf16 (T=16384, K=4096, N=4096): X.XXx on <GPU>``.
 """
@@ -11,6 +12,9 @@ benchmarks/RESULTS.md ("Linear layer") with the headline line
 from __future__ import annotations
 
 import argparse
+import cProfile
+import os
+import pstats
 import time
 
 import torch
@@ -83,13 +87,45 @@ def kernel_breakdown(step, grads: list[torch.Tensor], top: int = 14) -> list[lis
     ]
 
 
+def host_profile(step, grads: list[torch.Tensor], steps: int = 100, top: int = 12):
+    """Host milliseconds per step (enqueueing only: at a launch-bound shape the device keeps up)
+    and the Python functions with the most own time per step under cProfile."""
+
+    def run() -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            for t in grads:
+                t.grad = None
+            step()
+        elapsed = time.perf_counter() - start
+        torch.cuda.synchronize()
+        return elapsed * 1000 / steps
+
+    host_ms = run()
+    profiler = cProfile.Profile()
+    profiler.runcall(run)
+    # pstats' entries: (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
+    entries = pstats.Stats(profiler).stats.items()
+    hot = sorted(((own, calls, key) for key, (_, calls, own, _, _) in entries), reverse=True)
+    rows = [
+        [
+            f"{name} ({os.path.basename(file)}:{line})",
+            f"{own * 1000 / steps:.3f}",
+            f"{calls / steps:.0f}",
+        ]
+        for own, calls, (file, line, name) in hot[:top]
+    ]
+    return host_ms, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES))
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     gpu = torch.cuda.get_device_name()
-    rows, headline, breakdown = [], None, ""
+    rows, headline, breakdown, host = [], None, "", ""
     for t, k, n in shapes:
         result = {}
         for backend in ("inductor", "quartet2"):
@@ -100,6 +136,13 @@ def main() -> None:
                 top = kernel_breakdown(step, grads)
                 table = markdown_table(["kernel", "ms / step", "share"], top)
                 breakdown = f"quartet2 kernels at T={t}, K={k}, N={n}:\n\n{table}"
+            if (t, k, n) == shapes[-1]:
+                host_ms, hot = host_profile(step, grads)
+                host += f"{backend} host time per step at T={t}, K={k}, N={n}: {host_ms:.3f} ms. "
+                if backend == "quartet2":
+                    header = ["Python function", "own ms / step", "calls / step"]
+                    host += "\n\nquartet2's host time by function (under cProfile, which slows "
+                    host += f"it):\n\n{markdown_table(header, hot)}\n"
         ratio = result["quartet2"][0] / result["inductor"][0]
         flops = 6 * t * k * n
         rows.append(
@@ -143,12 +186,13 @@ def main() -> None:
     body = f"`python benchmarks/linear.py` on {gpu}, torch {torch.__version__}; medians of "
     body += "device-event timings (triton do_bench), launched from the host each step (ms) and "
     body += "replayed from a CUDA graph (graph ms; do_bench_cudagraph)."
-    body += f"\n\n{table}\n\n{breakdown}\n"
+    body += f"\n\n{table}\n\n{breakdown}\n\n{host}\n"
     if headline:
         body += f"\n{headline}\n"
     write_section("Linear layer", body)
     print(table)
     print(breakdown)
+    print(host)
     if headline:
         print(headline)
 
