@@ -643,6 +643,9 @@ def describe(settings: Settings, argv: list[str], results: list[RunResult]) -> s
     }[settings.dtype]
     models = "; ".join(dict.fromkeys(f"{r.model}: {r.architecture}" for r in results if r.params))
     command = " ".join(["python benchmarks/real_models.py", *argv])
+    # --eager ignores --mode (compile_kwargs)
+    compiled_mode = f", mode={settings.mode!r}" if settings.mode != "default" else ""
+    compiled_mode = "" if settings.eager else compiled_mode
     return (
         f"`{command}` on {machine_name(settings)}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}: stock Hugging Face causal LMs (random init, seed "
@@ -651,8 +654,7 @@ def describe(settings: Settings, argv: list[str], results: list[RunResult]) -> s
         f"{settings.steps} steps, {dtype}, fused AdamW lr {settings.lr:g} (linear warm-up "
         f"{settings.lr_warmup} steps); the same initial weights and batches for every backend"
         f"{', --eager (no Inductor code generation)' if settings.eager else ''}"
-        f"{f', compiled with mode={settings.mode!r}' if settings.mode != 'default' else ''}. "
-        f"Models: {models}."
+        f"{compiled_mode}. Models: {models}."
         f"\n\nval loss: mean next-byte cross-entropy over {settings.val_batches} fixed validation "
         f"batches after training (forward only); train loss: mean of the last {TRAIN_LOSS_STEPS} "
         f"steps; step ms: median CUDA-event time of the steps after the first {settings.warmup} "

@@ -4,9 +4,29 @@ from the caches)."""
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from quartet_compile.passes.report import GraphReport
+
+
+@contextlib.contextmanager
+def _handled(emit: Callable[[logging.LogRecord], None], level: int) -> Iterator[None]:
+    """``emit`` gets each record logged on ``quartet_compile`` at ``level`` or above inside the
+    block (the logger's own level is lowered to ``level`` meanwhile when it is higher)."""
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            emit(record)
+
+    logger = logging.getLogger("quartet_compile")
+    handler, saved = Handler(level), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(logger.getEffectiveLevel(), level))
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
 
 
 @contextlib.contextmanager
@@ -14,38 +34,18 @@ def logged_reports() -> Iterator[list[GraphReport]]:
     """The joint-graph reports logged on ``quartet_compile`` inside the block, in order."""
     found: list[GraphReport] = []
 
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            report = record.args[0] if isinstance(record.args, tuple) and record.args else None
-            if isinstance(report, GraphReport) and report.kind.startswith("joint"):
-                found.append(report)
+    def collect(record: logging.LogRecord) -> None:
+        report = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        if isinstance(report, GraphReport) and report.kind.startswith("joint"):
+            found.append(report)
 
-    logger = logging.getLogger("quartet_compile")
-    handler, level = Collect(logging.INFO), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with _handled(collect, logging.INFO):
         yield found
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 @contextlib.contextmanager
 def logged_messages(level: int = logging.INFO) -> Iterator[list[str]]:
     """The messages logged on ``quartet_compile`` at ``level`` or above inside the block."""
     messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    logger = logging.getLogger("quartet_compile")
-    handler, saved = Collect(level), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(min(logger.getEffectiveLevel(), level))
-    try:
+    with _handled(lambda record: messages.append(record.getMessage()), level):
         yield messages
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved)
