@@ -229,7 +229,9 @@ def test_on_cuda_the_checks_stay_op_calls_also_between_cuda_graphs() -> None:
     checked = torch.compile(model, backend="quartet2", options={**options, "check_finite": True})
     loss, codes = run_and_get_code(run, checked)
     code = "\n".join(codes)
-    assert code.count(CHECK_CALL) == 7 * 9  # 7 linears x 3 matmuls x 3 ops
+    # 7 linears x 3 matmuls x 3 ops, less the 3 forward quantizations of x that k and v share
+    # with q, and up with gate
+    assert code.count(CHECK_CALL) == 7 * 9 - 3
     assert "torch.ops.quartet2.rht_eden" not in code  # the kernels are still inlined
     torch.testing.assert_close(loss, reference, rtol=1e-3, atol=0)
     # reduce-overhead: Inductor runs the checks between CUDA graphs (or skips them); still raises.
