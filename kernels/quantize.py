@@ -18,10 +18,10 @@ from triton.language.extra import libdevice
 from quartet_compile import nvfp4
 
 # (rows, columns, warps) per program of the forward quantizer: one 16-element group per thread
-# (fewer groups than threads would duplicate work); the fastest of the sweep in
-# benchmarks/kernels.py once the kernel also writes units (154 us vs 171 us for (16, 256, 4) at
-# 16384x4096).
-TILE = (4, 512, 4)
+# (fewer groups than threads would duplicate work). The H200 sweep (NOTES round 10) found two
+# warps over 4 x 256 as fast as (4, 512, 4) at 16384x4096 and 8192x2048 (143 vs 144 us, 37.7 us
+# both) and faster at 8192x768 (14.3 vs 19.8 us): twice the programs fill the chip at small sizes.
+TILE = (4, 256, 2)
 # Triton decides when a kernel is decorated whether it runs in the interpreter; so does this.
 INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 MIN_NORMAL: tl.constexpr = tl.constexpr(nvfp4.MIN_NORMAL)

@@ -180,6 +180,27 @@ def test_max_autotune_mode() -> None:
     assert torch.isfinite(model.weight.grad).all()
 
 
+@pytest.mark.parametrize("user", [{}, {"static_launch_user_defined_triton_kernels": False}])
+def test_inductor_gets_the_backend_defaults_unless_the_user_sets_them(
+    monkeypatch: pytest.MonkeyPatch, user: dict
+) -> None:
+    """The static launcher for our kernels is on by default (less host time per launch on CUDA);
+    a user's option for the same key wins, and mode's options arrive beside it."""
+    seen = []
+
+    def compile_fx(gm, inputs, config_patches, **kwargs):
+        seen.append(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(quartet_compile.backend, "compile_fx", compile_fx)
+    model = nn.Linear(128, 128)
+    backend = functools.partial(quartet2, mode="max-autotune", options=user)
+    torch.compile(model, backend=backend)(torch.randn(128, 128))
+    (patches,) = seen
+    assert patches["static_launch_user_defined_triton_kernels"] is not bool(user)
+    assert patches["max_autotune"] is True
+
+
 class GraphBreak(nn.Module):
     def __init__(self) -> None:
         super().__init__()
