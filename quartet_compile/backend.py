@@ -208,7 +208,8 @@ def quartet2(
     """torch.compile backend: ``torch.compile(model, backend="quartet2", options={...})``.
 
     Options are QuartetConfig fields (or ``config=QuartetConfig(...)``); Inductor config keys
-    among them, and ``mode`` (e.g. "max-autotune"), go to Inductor. Unknown keys raise.
+    among them, and ``mode`` (e.g. "max-autotune"), go to Inductor, over INDUCTOR_DEFAULTS.
+    Unknown keys raise.
     """
     options = {**(options or {}), **kwargs}
     inductor_options = {
