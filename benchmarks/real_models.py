@@ -644,8 +644,8 @@ def describe(settings: Settings, argv: list[str], results: list[RunResult]) -> s
     models = "; ".join(dict.fromkeys(f"{r.model}: {r.architecture}" for r in results if r.params))
     command = " ".join(["python benchmarks/real_models.py", *argv])
     # --eager ignores --mode (compile_kwargs)
-    compiled_mode = f", mode={settings.mode!r}" if settings.mode != "default" else ""
-    compiled_mode = "" if settings.eager else compiled_mode
+    used_mode = settings.mode != "default" and not settings.eager
+    compiled_mode = f", mode={settings.mode!r}" if used_mode else ""
     return (
         f"`{command}` on {machine_name(settings)}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}: stock Hugging Face causal LMs (random init, seed "
