@@ -25,12 +25,15 @@ for step in "${steps[@]}"; do
         tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log" | tail -25 ;;
         kernels) python3 benchmarks/kernels.py 2>&1 | tee "$out/kernels.log" | tail -40 ;;
         linear) python3 benchmarks/linear.py 2>&1 | tee "$out/linear.log" | tail -40 ;;
-        # Small shapes: kernels and launches per step, and the static launcher on and off in one
-        # process (NOTES round 10 measured it across processes, whose host speed differs).
-        launcher) python3 benchmarks/linear.py --shapes 8192x768x768,8192x768x3072,8192x2048x2048 \
-            --breakdown 8192x768x768 --section "Linear layer: small shapes" --variants \
-            '{"quartet2": {}, "launcher off": {"static_launch_user_defined_triton_kernels": false}}' \
-            2>&1 | tee "$out/linear_small.log" | tail -40 ;;
+        # Small shapes: kernels and launches per step, then the same with Inductor's static
+        # launcher for our kernels. Only its environment variable reaches Inductor's compile
+        # workers (a config patch does not), hence a second process.
+        launcher) for static in 0 1; do
+            TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=$static python3 \
+                benchmarks/linear.py --shapes 8192x768x768,8192x768x3072,8192x2048x2048 \
+                --breakdown 8192x768x768 --section "Linear layer: small shapes, static launcher $static" \
+                2>&1 | tee "$out/linear_small_static$static.log" | tail -40
+            done ;;
         model) python3 benchmarks/model.py 2>&1 | tee "$out/model.log" | tail -30 ;;
         # One seed's three backends at once (SEEDS="0" by default): 100M tokens each, ~9.5 min.
         # The run folders come back as one tar ($OUT keeps only shallow paths).

@@ -3,8 +3,9 @@
 One program owns BLOCK_R output rows x one 128-block of the reduction dim. It loads the block
 (from x, from x.T, or from a forward NVFP4 triple dequantized in registers), mixes it with the
 exact +-1 matrix diag(signs) · H_128 on the tensor cores (``tl.dot``, 16-bit operands, float32
-accumulation: every product is exact) and scales by 1/sqrt(128) in float32. That matrix is written
-once per call by a one-program kernel and loaded by every program (cheaper than rebuilding it).
+accumulation: every product is exact) and scales by 1/sqrt(128) in float32. That matrix is built
+once per call by torch ops (_signed_hadamard) and loaded by every program (cheaper than
+rebuilding it in each).
 
 MS-EDEN needs the largest corrected scale before any E4M3 scale exists, so it runs in two passes:
 the data pass writes codes, bfloat16 corrected scales and one partial max per program; a torch
@@ -304,23 +305,24 @@ def _unpermute(acc, BLOCK_R: tl.constexpr):
     return tl.reshape(t, (BLOCK_R, BLOCK))
 
 
-@triton.jit
-def _hadamard_kernel(h_ptr, signs_ptr, ROWS: tl.constexpr):
-    """Write diag(signs) · H_128 (Sylvester: (-1)^popcount(i & j)) for the data passes to load,
-    ``ROWS`` rows per program (one program for all 128 took ~19 us on the H100).
+def _signed_hadamard(signs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """diag(signs) · H_128 (Sylvester: (-1)^popcount(i & j)) with its columns in _mma_column's
+    order, for the data passes to load.
 
-    Folding the signs into the matrix spares every tile an element-wise product; the entries
-    stay +-1, so the mix is as exact as before.
+    Built by torch ops rather than a kernel of its own: in a compiled graph Inductor computes it
+    in the kernel that draws the signs, one launch fewer per op. Folding the signs into the
+    matrix spares every tile an element-wise product; the entries stay +-1, so the mix is as
+    exact as before.
     """
-    i = (tl.program_id(0) * ROWS + tl.arange(0, ROWS))[:, None]
-    j = tl.arange(0, BLOCK)[None, :]
+    i = torch.arange(nvfp4.HADAMARD_BLOCK, device=signs.device)[:, None]
+    col = torch.arange(nvfp4.HADAMARD_BLOCK, device=signs.device)[None, :]
+    # The rotated column that _mma_column places at ``col`` (its inverse).
+    j = (col >> 6) * 64 + ((col >> 1) & 3) * 16 + ((col >> 3) & 7) * 2 + (col & 1)
     p = i & j
-    p ^= p >> 4
-    p ^= p >> 2
-    p ^= p >> 1
-    signs = tl.load(signs_ptr + i)
-    h = (signs * (1 - 2 * (p & 1))).to(h_ptr.dtype.element_ty)
-    tl.store(h_ptr + i * BLOCK + _mma_column(j), h)
+    p = p ^ (p >> 4)
+    p = p ^ (p >> 2)
+    p = p ^ (p >> 1)
+    return (signs[:, None] * (1 - 2 * (p & 1))).to(dtype)
 
 
 def _grid(row_tiles: int, col_blocks: int, cols_fastest: bool) -> tuple[int, int]:
@@ -346,8 +348,7 @@ def _quantize_rotated(
     padded = red + (-red % nvfp4.HADAMARD_BLOCK)
     signs, seed = signs.to(device, torch.float32), seed.to(device)
     mix = _MIX_OF_SOURCE[src.dtype] if src.is_cuda else "f32"
-    h = torch.empty((nvfp4.HADAMARD_BLOCK,) * 2, dtype=_MIX_DTYPE[mix], device=device)
-    wrap_triton(_hadamard_kernel)[(nvfp4.HADAMARD_BLOCK // 16,)](h, signs, 16)
+    h = _signed_hadamard(signs, _MIX_DTYPE[mix])
     codes = torch.empty((rows, padded // 2), dtype=torch.uint8, device=device)
     scales = torch.empty((rows, padded // nvfp4.GROUP), dtype=torch.float8_e4m3fn, device=device)
     block_r, warps = TILES["nvfp4" if from_nvfp4 else "x"]

@@ -35,13 +35,6 @@ from quartet_compile.passes.report import GraphReport
 
 log = logging.getLogger("quartet_compile")
 
-# Inductor settings the backend turns on unless the user's options set them. Inductor launches
-# the quartet2 kernels (user-defined Triton kernels) through Triton's own launcher by default,
-# and its generated kernels through its static launcher, which takes less host time per launch:
-# on the H200 one 8192x2048x2048 linear's fwd+bwd went from 2.02 to 1.52 ms of host time and
-# from 1.75 to 1.60 ms launched (benchmarks/NOTES.md, round 10).
-INDUCTOR_DEFAULTS = {"static_launch_user_defined_triton_kernels": True}
-
 # The package and the subpackages installed from directories of their own (pyproject.toml's
 # package-dir): walking them finds every module, so a new one cannot serve stale compiled code.
 _PACKAGES = (quartet_compile, passes, kernels)
@@ -146,7 +139,6 @@ def compile_graph(
 
         quartet_pass = QuartetPass(config, params, modules, record)
         patches = {
-            **{k: v for k, v in INDUCTOR_DEFAULTS.items() if _is_inductor(k)},
             **(config_patches or {}),
             "joint_custom_pre_pass": quartet_pass,
         }
@@ -208,8 +200,10 @@ def quartet2(
     """torch.compile backend: ``torch.compile(model, backend="quartet2", options={...})``.
 
     Options are QuartetConfig fields (or ``config=QuartetConfig(...)``); Inductor config keys
-    among them, and ``mode`` (e.g. "max-autotune"), go to Inductor, over INDUCTOR_DEFAULTS.
-    Unknown keys raise.
+    among them, and ``mode`` (e.g. "max-autotune"), go to Inductor. Unknown keys raise. Inductor's
+    compile workers do not see these patches: keys read while a kernel compiles, such as
+    ``static_launch_user_defined_triton_kernels``, take effect through their TORCHINDUCTOR_*
+    environment variables only.
     """
     options = {**(options or {}), **kwargs}
     inductor_options = {

@@ -15,16 +15,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import linear  # noqa: E402
 
-VARIANTS = '{"quartet2": {}, "launcher off": {"static_launch_user_defined_triton_kernels": false}}'
+VARIANTS = '{"quartet2": {}, "rtn 6 only": {"four_over_six": false}}'
 
 
 def test_variants_share_one_bf16_run_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     calls, written = [], {}
     # ms per backend/variant: the ratios below can only come out right against the shared BF16.
-    ms = {"inductor": 2.0, "quartet2": 3.0, "launcher off": 4.0}
+    ms = {"inductor": 2.0, "quartet2": 3.0, "rtn 6 only": 4.0}
 
     def measure(backend, shape, options, kernels, host):
-        name = "launcher off" if options else backend
+        name = "rtn 6 only" if options else backend
         calls.append((name, shape, kernels, host))
         result = dict(ms=ms[name], compile_s=1.0, peak=1.0, graph_ms=ms[name] / 2)
         if kernels:
@@ -41,12 +41,12 @@ def test_variants_share_one_bf16_run_per_shape(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(sys, "argv", argv)
     linear.main()
 
-    assert [c[0] for c in calls] == ["inductor", "quartet2", "launcher off"] * 2
+    assert [c[0] for c in calls] == ["inductor", "quartet2", "rtn 6 only"] * 2
     assert [c[2] for c in calls] == [False, False, False, False, True, False]  # kernels
     assert [c[3] for c in calls] == [False, False, False, True, True, True]  # host profile
     (body,) = written.values()
     rows = [line.split(" | ") for line in body.splitlines() if line.startswith("| 16384x")]
-    assert [(r[1], r[4]) for r in rows] == [("quartet2", "1.50x"), ("launcher off", "2.00x")]
+    assert [(r[1], r[4]) for r in rows] == [("quartet2", "1.50x"), ("rtn 6 only", "2.00x")]
     assert "kernel of (8192, 768, 768)" in body and "kernel of (16384" not in body
-    assert "launcher off host time per step at T=8192, K=768, N=768: 1.000 ms" in body
+    assert "rtn 6 only host time per step at T=8192, K=768, N=768: 1.000 ms" in body
     assert body.rstrip().endswith("(T=16384, K=4096, N=4096): 1.50x on GPU")

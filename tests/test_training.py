@@ -180,12 +180,11 @@ def test_max_autotune_mode() -> None:
     assert torch.isfinite(model.weight.grad).all()
 
 
-@pytest.mark.parametrize("user", [{}, {"static_launch_user_defined_triton_kernels": False}])
-def test_inductor_gets_the_backend_defaults_unless_the_user_sets_them(
-    monkeypatch: pytest.MonkeyPatch, user: dict
+def test_inductor_gets_the_users_inductor_options_beside_modes(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The static launcher for our kernels is on by default (less host time per launch on CUDA);
-    a user's option for the same key wins, and mode's options arrive beside it."""
+    """Inductor keys among the options and mode's options reach compile_fx's patches, next to
+    the pass; the backend adds no Inductor settings of its own."""
     seen = []
 
     def compile_fx(gm, inputs, config_patches, **kwargs):
@@ -194,11 +193,12 @@ def test_inductor_gets_the_backend_defaults_unless_the_user_sets_them(
 
     monkeypatch.setattr(quartet_compile.backend, "compile_fx", compile_fx)
     model = nn.Linear(128, 128)
-    backend = functools.partial(quartet2, mode="max-autotune", options=user)
+    options = {"epilogue_fusion": False}
+    backend = functools.partial(quartet2, mode="max-autotune", options=options)
     torch.compile(model, backend=backend)(torch.randn(128, 128))
     (patches,) = seen
-    assert patches["static_launch_user_defined_triton_kernels"] is not bool(user)
-    assert patches["max_autotune"] is True
+    expected = {**torch._inductor.list_mode_options("max-autotune"), **options}
+    assert {k: v for k, v in patches.items() if k != "joint_custom_pre_pass"} == expected
 
 
 class GraphBreak(nn.Module):
