@@ -235,7 +235,9 @@ def main() -> None:
         rows,
     )
     variants = ", ".join(f"{name}: options={opts}" for name, opts in args.variants.items())
-    command = shlex.join(["python", "benchmarks/linear.py", *sys.argv[1:]])
+    # Inductor settings that reach its compile workers only through the environment.
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")]
+    command = shlex.join([*env, "python", "benchmarks/linear.py", *sys.argv[1:]])
     body = f"`{command}` on {gpu}, torch {torch.__version__}; medians of "
     body += "device-event timings (triton do_bench), launched from the host each step (ms) and "
     body += "replayed from a CUDA graph (graph ms; do_bench_cudagraph); quartet2 variants "

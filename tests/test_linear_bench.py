@@ -1,7 +1,8 @@
 """benchmarks/linear.py's bookkeeping on the CPU (the timing itself needs a GPU): every quartet2
 variant gets one row per shape with its ratio against the one BF16 run of that shape, kernel
 tables appear for the --breakdown shapes only, the host profile names every run at the last
-shape, and the headline is the first variant's at 16384x4096x4096."""
+shape, the headline is the first variant's at 16384x4096x4096, and the command line names the
+TORCHINDUCTOR_* environment it ran in."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def test_variants_share_one_bf16_run_per_shape(monkeypatch: pytest.MonkeyPatch) 
     shapes = "16384x4096x4096,8192x768x768"
     argv = ["linear.py", "--shapes", shapes, "--breakdown", "8192x768x768", "--variants", VARIANTS]
     monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setenv("TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS", "1")
     linear.main()
 
     assert [c[0] for c in calls] == ["inductor", "quartet2", "rtn 6 only"] * 2
@@ -50,3 +52,8 @@ def test_variants_share_one_bf16_run_per_shape(monkeypatch: pytest.MonkeyPatch) 
     assert "kernel of (8192, 768, 768)" in body and "kernel of (16384" not in body
     assert "rtn 6 only host time per step at T=8192, K=768, N=768: 1.000 ms" in body
     assert body.rstrip().endswith("(T=16384, K=4096, N=4096): 1.50x on GPU")
+    command = body.splitlines()[0]
+    assert (
+        "TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1 python benchmarks/linear.py"
+        in command
+    )
