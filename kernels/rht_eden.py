@@ -309,10 +309,11 @@ def _signed_hadamard(signs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """diag(signs) · H_128 (Sylvester: (-1)^popcount(i & j)) with its columns in _mma_column's
     order, for the data passes to load.
 
-    Built by torch ops rather than a kernel of its own: in a compiled graph Inductor computes it
-    in the kernel that draws the signs, one launch fewer per op. Folding the signs into the
-    matrix spares every tile an element-wise product; the entries stay +-1, so the mix is as
-    exact as before.
+    Built by torch ops rather than a kernel of its own: in a compiled graph Inductor folds it
+    into the kernels that draw the random signs (H200, one linear's fwd+bwd: 30 -> 24 Triton
+    launches; benchmarks/NOTES.md, round 11). Eagerly it costs ~10 tiny kernels. Folding the
+    signs into the matrix spares every tile an element-wise product; the entries stay +-1, so
+    the mix is as exact as before.
     """
     i = torch.arange(nvfp4.HADAMARD_BLOCK, device=signs.device)[:, None]
     col = torch.arange(nvfp4.HADAMARD_BLOCK, device=signs.device)[None, :]
