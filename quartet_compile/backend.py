@@ -138,10 +138,7 @@ def compile_graph(
             deliver(graph_report, cached=False)
 
         quartet_pass = QuartetPass(config, params, modules, record)
-        patches = {
-            **(config_patches or {}),
-            "joint_custom_pre_pass": quartet_pass,
-        }
+        patches = {**(config_patches or {}), "joint_custom_pre_pass": quartet_pass}
         inner = {} if config.inductor else {"inner_compile": _run_eagerly}
         compiled = compile_fx(piece, inputs, config_patches=patches, **inner)
         if not ran:  # AOTAutograd's cache served the graph: the pass did not run
